@@ -1,0 +1,61 @@
+"""Every configuration field, with its default and meaning.
+
+The other configs start from `get_config()` here and change a few fields.
+Any field can be overridden on the command line, e.g.
+
+  python -m visionspeak_jax.main --config=configs/shapes.py \
+      --workdir=/tmp/shapes --config.batch_size=64
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration (the built-in shapes data, ResNet-18)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order and dropout.
+
+  # Data.
+  config.dataset = "shapes_captions/default"  # TFDS name[/config].
+  config.data_dir = ""  # TFDS data_dir; "" means TFDS's default.
+  config.train_split = "train"  # Split(s) to train on ("a+b" joins them).
+  config.eval_split = "validation"  # Split for periodic evaluation.
+  config.test_split = "test"  # Split for the final evaluation.
+  config.image_size = 224  # Images are resized to image_size^2.
+  config.max_caption_length = 20  # Words kept per caption (EOS excluded).
+  config.vocab_min_count = 5  # Rarer training words become <unk>.
+  config.shuffle_buffer_size = 10_000  # Examples in the shuffle buffer.
+  config.prefetch_batches = 2  # Batches prefetched to the devices.
+  config.num_eval_examples = -1  # Cap on evaluated images; -1 = the split.
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.resnet_size = "18"  # "tiny", "18", "34", "50", "101", "152".
+  config.model.resnet_width = 64  # Channels of the first ResNet stage.
+  config.model.resnet_stem = "imagenet"  # "imagenet" (stride 4) or "small".
+  config.model.embed_dim = 512  # Word embedding size.
+  config.model.attention_dim = 512  # Additive attention size.
+  config.model.hidden_dim = 512  # LSTM size.
+  config.model.dropout_rate = 0.5  # Dropout on the LSTM output.
+  config.model.gate = "vector"  # Context gate: "vector", "scalar", "none".
+  config.model.deep_output = True  # The paper's deep output layer.
+  config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
+
+  # Optimisation.
+  config.batch_size = 64  # Global batch; divisible by the device count.
+  config.eval_batch_size = 64  # Global evaluation batch.
+  config.num_train_steps = 20_000  # Training length in steps.
+  config.learning_rate = 4e-4  # Peak learning rate.
+  config.warmup_steps = 500  # Linear warm-up, then cosine decay to 0.
+  config.weight_decay = 0.0  # AdamW decoupled weight decay.
+  config.grad_clip_norm = 5.0  # Global gradient norm clip; 0 disables.
+
+  # Evaluation and decoding.
+  config.max_decode_length = 22  # Generated tokens per caption (with EOS).
+
+  # Bookkeeping.
+  config.log_every_steps = 100  # Training log line period.
+  config.eval_every_steps = 2_000  # Evaluation period (also at the end).
+  config.checkpoint_every_steps = 1_000  # Checkpoint period (and the end).
+  config.max_checkpoints_to_keep = 2  # Latest checkpoints kept.
+  return config

@@ -1,0 +1,78 @@
+"""The one module that speaks Orbax: save, resume and restore for sampling.
+
+A checkpoint at step N holds three items: `state` (the TrainState pytree),
+`vocab` (the word list, JSON) and `config` (the run config, JSON), so a
+checkpoint directory alone is enough to rebuild the model and caption images.
+"""
+
+import os
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from visionspeak_jax import vocabulary as vocab_lib
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used, with a message that says what to do."""
+
+
+class Checkpointer:
+  """Saves and restores (state, vocabulary, config) under `directory`."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None when there is none."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, vocab: vocab_lib.Vocabulary,
+           config: ml_collections.ConfigDict) -> None:
+    """Saves asynchronously; call `wait` before reading it back."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        vocab=ocp.args.JsonSave(vocab.to_json()),
+        config=ocp.args.JsonSave(config.to_dict())))
+
+  def restore_state(self, target: Any, step: int | None = None) -> Any:
+    """Restores the state into the structure, shapes and dtypes of `target`."""
+    step = self._step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
+    return restored["state"]
+
+  def restore_metadata(self, step: int | None = None
+                       ) -> tuple[vocab_lib.Vocabulary,
+                                  ml_collections.ConfigDict]:
+    """The vocabulary and config saved with a checkpoint."""
+    step = self._step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        vocab=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    return (vocab_lib.Vocabulary.from_json(restored["vocab"]),
+            ml_collections.ConfigDict(restored["config"]))
+
+  def _step(self, step: int | None) -> int:
+    if step is None:
+      step = self.latest_step()
+    if step is None:
+      raise CheckpointError(f"No checkpoint in {self.directory}: train first "
+                            "with visionspeak_jax.main, or point --workdir "
+                            "at a finished run.")
+    if step not in self._manager.all_steps():
+      raise CheckpointError(f"No checkpoint for step {step} in "
+                            f"{self.directory}; saved steps: "
+                            f"{sorted(self._manager.all_steps())}.")
+    return step
+
+  def wait(self) -> None:
+    """Blocks until pending saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,225 @@
+"""TFDS input pipelines for the captioner (COCO captions and the shapes set).
+
+Both datasets share one layout: `image` (uint8), `image/id`, `captions`
+(a sequence of `{"text": ...}`); the shapes set adds `objects` with boxes,
+colours and shapes. Training draws one reference caption per image visit,
+tokenises it with TensorFlow ops, pads it and batches; evaluation keeps every
+reference and the objects on the host for the metrics.
+"""
+
+import dataclasses
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from visionspeak_jax import vocabulary as vocab_lib
+
+# Datasets this package can generate itself; anything else must be prepared.
+_LOCAL_DATASETS = ("shapes_captions",)
+
+
+class DataError(RuntimeError):
+  """A dataset that cannot be used, with a message that says what to do."""
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset`, prepared if it can be generated.
+
+  Raises:
+    DataError: the dataset is unknown or must be downloaded first.
+  """
+  name = config.dataset
+  if name.split("/")[0] in _LOCAL_DATASETS:
+    from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = config.data_dir or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"Unknown dataset {name!r}: set --config.dataset to "
+                    "shapes_captions/default or coco_captions/2014.") from e
+  if name.split("/")[0] in _LOCAL_DATASETS and not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def _read_split(builder: tfds.core.DatasetBuilder, split: str, *,
+                shuffle_files: bool = False, seed: int | None = None,
+                skip_images: bool = False) -> tf.data.Dataset:
+  """`builder.as_dataset` with a clear error when the data is missing."""
+  read_config = tfds.ReadConfig(shuffle_seed=seed)
+  decoders = {"image": tfds.decode.SkipDecoding()} if skip_images else None
+  try:
+    return builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                              read_config=read_config, decoders=decoders)
+  except (AssertionError, FileNotFoundError) as e:
+    raise DataError(
+        f"Dataset {builder.name} is not prepared in {builder.data_dir}: run "
+        f"`tfds build {builder.name}/{builder.builder_config.name} "
+        f"--data_dir=DIR` once and pass --config.data_dir=DIR."
+        if builder.builder_config else
+        f"Dataset {builder.name} is not prepared in {builder.data_dir}: run "
+        f"`tfds build {builder.name} --data_dir=DIR` once and pass "
+        "--config.data_dir=DIR.") from e
+  except ValueError as e:
+    raise DataError(f"Split {split!r} is not in {builder.name} (it has "
+                    f"{', '.join(builder.info.splits)}): fix "
+                    "--config.*_split.") from e
+
+
+def build_vocabulary(builder: tfds.core.DatasetBuilder, split: str,
+                     min_count: int) -> vocab_lib.Vocabulary:
+  """Builds the vocabulary from every caption of the training split."""
+  ds = _read_split(builder, split, skip_images=True)
+  ds = ds.map(lambda ex: ex["captions"]["text"])
+  captions = (c.decode("utf-8") for texts in tfds.as_numpy(ds) for c in texts)
+  return vocab_lib.Vocabulary.build(captions, min_count=min_count)
+
+
+def make_token_table(vocab: vocab_lib.Vocabulary) -> tf.lookup.StaticHashTable:
+  """A word -> id table for TensorFlow ops; unknown words map to UNK."""
+  init = tf.lookup.KeyValueTensorInitializer(
+      tf.constant(vocab.words), tf.range(len(vocab), dtype=tf.int64))
+  return tf.lookup.StaticHashTable(init, default_value=vocab_lib.UNK_ID)
+
+
+def encode_caption(text, table, max_words: int):
+  """Caption string -> int32 [max_words + 2]: BOS, words, EOS, PAD..."""
+  ids = tf.cast(table.lookup(vocab_lib.tf_tokenize(text)), tf.int32)
+  ids = ids[:max_words]
+  ids = tf.concat([[vocab_lib.BOS_ID], ids, [vocab_lib.EOS_ID]], axis=0)
+  pad = max_words + 2 - tf.shape(ids)[0]
+  return tf.pad(ids, [[0, pad]], constant_values=vocab_lib.PAD_ID)
+
+
+def resize_image(image, size: int):
+  """uint8 [H, W, 3] (or [H, W, 1]) -> uint8 [size, size, 3]."""
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  image = tf.image.resize(image, (size, size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def create_train_dataset(builder: tfds.core.DatasetBuilder,
+                         config: ml_collections.ConfigDict,
+                         vocab: vocab_lib.Vocabulary, *, seed: int,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> tf.data.Dataset:
+  """An endless, shuffled stream of this process's training batches.
+
+  Args:
+    builder: the dataset builder.
+    config: the run config.
+    vocab: the vocabulary.
+    seed: seeds file order, shuffling and the choice of reference caption.
+    process_index: this process (default: `jax.process_index()`).
+    process_count: processes (default: `jax.process_count()`).
+
+  Returns:
+    A dataset of dicts: `image` uint8 [b, S, S, 3] and `tokens` int32
+    [b, max_caption_length + 2], with b = batch_size / process_count.
+  """
+  process_index = (jax.process_index() if process_index is None
+                   else process_index)
+  process_count = (jax.process_count() if process_count is None
+                   else process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+                     f"the number of processes {process_count}.")
+  split = tfds.even_splits(config.train_split, n=process_count,
+                           drop_remainder=True)[process_index]
+  ds = _read_split(builder, split, shuffle_files=True, seed=seed)
+  table = make_token_table(vocab)
+  max_words = config.max_caption_length
+  size = config.image_size
+
+  def preprocess(index, ex):
+    texts = ex["captions"]["text"]
+    # A new reference per visit, reproducible from (seed, visit index).
+    pick = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
+        maxval=tf.shape(texts, out_type=tf.int64)[0], dtype=tf.int64)
+    return {"image": resize_image(ex["image"], size),
+            "tokens": encode_caption(texts[pick], table, max_words)}
+
+  ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
+  ds = ds.shuffle(config.shuffle_buffer_size, seed=seed).repeat()
+  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class EvalExample:
+  """One evaluation image and what the metrics need about it."""
+  image_id: int
+  image: np.ndarray  # [S, S, 3] uint8
+  references: list[str]
+  objects: list[dict[str, Any]]  # shapes set only: bbox, color, shape
+
+
+def eval_examples(builder: tfds.core.DatasetBuilder, split: str,
+                  image_size: int, num_examples: int = -1
+                  ) -> Iterator[EvalExample]:
+  """Evaluation images in a fixed order, resized, with their references.
+
+  Every process reads the whole split: evaluation has no collectives, so
+  duplicating it keeps the metrics identical everywhere.
+  """
+  ds = _read_split(builder, split)
+  if num_examples > 0:
+    ds = ds.take(num_examples)
+  features = builder.info.features
+  has_objects = ("objects" in features and
+                 "color" in features["objects"].feature)
+  if has_objects:
+    color_names = features["objects"]["color"].names
+    shape_names = features["objects"]["shape"].names
+
+  def preprocess(ex):
+    out = {"image": resize_image(ex["image"], image_size),
+           "id": ex["image/id"], "captions": ex["captions"]["text"]}
+    if has_objects:
+      out["objects"] = {k: ex["objects"][k] for k in ("bbox", "color", "shape")}
+    return out
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  for ex in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
+    objects = []
+    if has_objects:
+      o = ex["objects"]
+      objects = [{"bbox": tuple(float(v) for v in o["bbox"][i]),
+                  "color": color_names[o["color"][i]],
+                  "shape": shape_names[o["shape"][i]]}
+                 for i in range(len(o["color"]))]
+    yield EvalExample(image_id=int(ex["id"]), image=ex["image"],
+                      references=[c.decode("utf-8") for c in ex["captions"]],
+                      objects=objects)
+
+
+def batch_eval_examples(examples: Iterator[EvalExample], batch_size: int
+                        ) -> Iterator[tuple[np.ndarray, list[EvalExample]]]:
+  """Groups examples into full [batch_size, S, S, 3] image arrays.
+
+  The last batch is padded with copies of its first image; the returned list
+  names only the real examples.
+  """
+  batch: list[EvalExample] = []
+  for ex in examples:
+    batch.append(ex)
+    if len(batch) == batch_size:
+      yield np.stack([e.image for e in batch]), batch
+      batch = []
+  if batch:
+    images = [e.image for e in batch]
+    images += [images[0]] * (batch_size - len(batch))
+    yield np.stack(images), batch
+
+
+def shard(batch: Any, num_devices: int) -> Any:
+  """[b, ...] -> [num_devices, b / num_devices, ...] for every leaf."""
+  return jax.tree.map(
+      lambda x: x.reshape((num_devices, -1) + x.shape[1:]), batch)

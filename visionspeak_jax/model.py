@@ -1,0 +1,111 @@
+"""The captioner: a Flax ResNet encoder and the pure-function SAT decoder.
+
+Parameters live in one pytree `{"encoder": ..., "decoder": ...}`; the ResNet's
+BatchNorm statistics live beside it in `batch_stats`.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from visionspeak_jax import decoder
+from visionspeak_jax import decoding
+from visionspeak_jax import resnet
+from visionspeak_jax import vocabulary
+
+# ImageNet statistics, in 0..255 pixel units, as torchvision uses them.
+MEAN_RGB = np.array([0.485, 0.456, 0.406]) * 255.0
+STDDEV_RGB = np.array([0.229, 0.224, 0.225]) * 255.0
+
+
+def create_encoder(config: ml_collections.ConfigDict,
+                   axis_name: str | None = None) -> resnet.ResNet:
+  """The ResNet named by `config.model`."""
+  m = config.model
+  return resnet.create(m.resnet_size, num_filters=m.resnet_width,
+                       stem=m.resnet_stem, axis_name=axis_name)
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32, ImageNet-normalised."""
+  return (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
+
+
+def init(key: jax.Array, config: ml_collections.ConfigDict,
+         vocab_size: int) -> tuple[dict[str, Any], Any]:
+  """Creates (params, batch_stats) for a config and vocabulary size."""
+  m = config.model
+  k_enc, k_dec = jax.random.split(key)
+  encoder = create_encoder(config)
+  size = config.image_size
+  variables = encoder.init(k_enc, jnp.zeros((1, size, size, 3)), train=False)
+  params = {
+      "encoder": variables["params"],
+      "decoder": decoder.init(
+          k_dec, vocab_size=vocab_size,
+          feature_dim=resnet.feature_dim(m.resnet_size, m.resnet_width),
+          embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
+          attention_dim=m.attention_dim, gate=m.gate,
+          deep_output=m.deep_output),
+  }
+  return params, variables["batch_stats"]
+
+
+def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
+           images: jax.Array, train: bool) -> tuple[jax.Array, Any]:
+  """Images to region features.
+
+  Args:
+    encoder: the ResNet module.
+    params: the full parameter pytree.
+    batch_stats: BatchNorm statistics.
+    images: [B, H, W, 3] uint8.
+    train: use and update batch statistics.
+
+  Returns:
+    (features [B, R, C], new batch_stats; unchanged unless `train`).
+  """
+  variables = {"params": params["encoder"], "batch_stats": batch_stats}
+  x = normalize_images(images)
+  if train:
+    out, updates = encoder.apply(variables, x, train=True,
+                                 mutable=["batch_stats"])
+    batch_stats = updates["batch_stats"]
+  else:
+    out = encoder.apply(variables, x, train=False)
+  spatial = out["spatial"]
+  b, h, w, c = spatial.shape
+  return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
+
+
+def make_step_fn(decoder_params: dict[str, Any], features: jax.Array
+                 ) -> tuple[decoding.StepFn, Any]:
+  """A `decoding` step function and its initial state for some images.
+
+  The feature projection happens here, once, not inside the step.
+
+  Args:
+    decoder_params: decoder parameters.
+    features: [B, R, C] region features.
+
+  Returns:
+    (step_fn, initial state).
+  """
+  features_proj = decoder.project_features(decoder_params, features)
+
+  def step_fn(tokens, carry):
+    return decoder.step(decoder_params, features, features_proj, carry, tokens)
+
+  return step_fn, decoder.init_state(decoder_params, features)
+
+
+def greedy_caption(decoder_params: dict[str, Any], features: jax.Array,
+                   max_length: int) -> decoding.Decoded:
+  """Greedy captions for [B, R, C] features."""
+  step_fn, state = make_step_fn(decoder_params, features)
+  return decoding.greedy(step_fn, state, features.shape[0], max_length,
+                         bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
+                         pad_id=vocabulary.PAD_ID)

@@ -1,0 +1,300 @@
+"""Training and evaluation of the captioner.
+
+`train_step` and `eval_step` are per-device functions that name their
+collectives over the `batch` axis; `train_and_evaluate` compiles them with
+`jax.pmap`, keeps the state unreplicated (`in_axes=None`, `out_axes=None`)
+and runs the loop: train, log, evaluate, checkpoint, resume.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import decoder
+from visionspeak_jax import input_pipeline
+from visionspeak_jax import metrics as metrics_lib
+from visionspeak_jax import model
+from visionspeak_jax import vocabulary as vocab_lib
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then cosine decay to zero."""
+  warmup = min(config.warmup_steps, config.num_train_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.0)
+
+
+def create_optimizer(config: ml_collections.ConfigDict
+                     ) -> optax.GradientTransformation:
+  """AdamW on the learning-rate schedule, after global-norm clipping."""
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(create_learning_rate_fn(config),
+                           weight_decay=config.weight_decay))
+  return optax.chain(*parts)
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       vocab_size: int) -> TrainState:
+  """Fresh parameters, BatchNorm statistics and optimizer state."""
+  params, batch_stats = model.init(rng, config, vocab_size)
+  encoder = model.create_encoder(config)
+  state = TrainState.create(apply_fn=encoder.apply, params=params,
+                            tx=create_optimizer(config),
+                            batch_stats=batch_stats)
+  # An array step from the start: a Python int here would make the second
+  # call of the compiled step see a new signature and compile again.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, T + 1] padded captions -> inputs [B, T], targets [B, T], mask [B, T]."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  return inputs, targets, (targets != vocab_lib.PAD_ID).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               rng: jax.Array, *, config: ml_collections.ConfigDict
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the global batch.
+
+  The loss is normalised by the mean number of tokens (and captions) per
+  device, so that `pmean` of the per-device gradients is exactly the gradient
+  of the global-batch loss, whatever the device count.
+
+  Args:
+    state: the train state (same on every device).
+    batch: `image` uint8 [b, S, S, 3] and `tokens` int32 [b, T + 1].
+    rng: the run's base key; the step and device are folded in here.
+    config: the run config.
+
+  Returns:
+    (new state, metrics summed over devices).
+  """
+  encoder = model.create_encoder(config, axis_name="batch")
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                           lax.axis_index("batch"))
+  inputs, targets, mask = split_tokens(batch["tokens"])
+
+  def loss_fn(params):
+    features, batch_stats = model.encode(encoder, params, state.batch_stats,
+                                         batch["image"], train=True)
+    logits, alphas = decoder.teacher_forced(
+        params["decoder"], features, inputs,
+        dropout_rate=config.model.dropout_rate, rng=rng)
+    terms = decoder.loss_terms(logits, targets, mask, alphas)
+    tokens = jnp.maximum(lax.pmean(terms["tokens"], "batch"), 1.0)
+    captions = jnp.maximum(lax.pmean(terms["captions"], "batch"), 1.0)
+    loss = (terms["xent_sum"] / tokens
+            + config.alpha_c * terms["attention_sum"] / captions)
+    return loss, (terms, batch_stats)
+
+  # Differentiate per-device copies of the parameters: the gradients stay
+  # local until the one explicit pmean, instead of JAX summing them across
+  # devices implicitly at every use of the parameters inside the scans.
+  params = lax.pcast(state.params, "batch", to="varying")
+  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+  grads = lax.pmean(grads, "batch")
+  # Synchronised BatchNorm already made the statistics equal across devices.
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  totals = lax.psum(terms, "batch")
+  tokens = jnp.maximum(totals["tokens"], 1.0)
+  captions = jnp.maximum(totals["captions"], 1.0)
+  metrics = {
+      "xent": totals["xent_sum"] / tokens,
+      "attention_loss": totals["attention_sum"] / captions,
+      "accuracy": totals["correct"] / tokens,
+      "grad_norm": optax.global_norm(grads),
+  }
+  metrics["loss"] = metrics["xent"] + config.alpha_c * metrics["attention_loss"]
+  return state, metrics
+
+
+def eval_step(state: TrainState, images: jax.Array, *,
+              config: ml_collections.ConfigDict):
+  """Greedy captions (and attention maps) for this device's images."""
+  encoder = model.create_encoder(config)
+  features, _ = model.encode(encoder, state.params, state.batch_stats, images,
+                             train=False)
+  return model.greedy_caption(state.params["decoder"], features,
+                              config.max_decode_length)
+
+
+def compile_steps(config: ml_collections.ConfigDict):
+  """The pmapped train and eval steps; the state is never replicated."""
+  p_train_step = jax.pmap(
+      functools.partial(train_step, config=config), axis_name="batch",
+      in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, config=config),
+                         axis_name="batch", in_axes=(None, 0), out_axes=0)
+  return p_train_step, p_eval_step
+
+
+def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
+             ) -> dict[str, float]:
+  """Captions a split greedily and scores it.
+
+  Returns:
+    Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
+    and, for datasets with object annotations, content F1 and attention
+    grounding.
+  """
+  num_devices = jax.local_device_count()
+  if config.eval_batch_size % num_devices:
+    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be "
+                     f"divisible by the {num_devices} local devices.")
+  references, predictions = {}, {}
+  words, alphas, objects = [], [], []
+  examples = input_pipeline.eval_examples(builder, split, config.image_size,
+                                          config.num_eval_examples)
+  for images, batch in input_pipeline.batch_eval_examples(
+      examples, config.eval_batch_size):
+    decoded = p_eval_step(state, input_pipeline.shard(images, num_devices))
+    tokens = np.asarray(decoded.tokens).reshape(len(images), -1)  # [B, L]
+    batch_alphas = np.asarray(decoded.alphas)
+    batch_alphas = batch_alphas.reshape((len(images),) +
+                                        batch_alphas.shape[2:])  # [B, L, R]
+    for i, ex in enumerate(batch):
+      caption = vocab.decode(tokens[i])
+      references[ex.image_id] = ex.references
+      predictions[ex.image_id] = " ".join(caption)
+      words.append(caption)
+      alphas.append(batch_alphas[i, :len(caption)])
+      objects.append(ex.objects)
+  results = metrics_lib.caption_metrics(references, predictions)
+  if any(objects):
+    results.update(metrics_lib.content_f1(
+        [" ".join(w) for w in words],
+        [[(o["color"], o["shape"]) for o in objs] for objs in objects]))
+    grid = int(round(np.sqrt(alphas[0].shape[-1])))
+    results["grounding"] = metrics_lib.attention_grounding(
+        words, alphas, objects, (grid, grid))
+  results["num_images"] = len(predictions)
+  return results
+
+
+def _format(metrics: dict[str, Any]) -> str:
+  return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in sorted(metrics.items()))
+
+
+def _write_metrics(workdir: str, record: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; resumes from the latest checkpoint.
+
+  Args:
+    config: the run config.
+    workdir: where checkpoints, the vocabulary and metrics.jsonl go.
+
+  Returns:
+    The final metrics on `config.test_split`.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  num_devices = jax.local_device_count()
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+                     f"the {jax.device_count()} devices.")
+  builder = input_pipeline.get_builder(config)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     config.max_checkpoints_to_keep)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    vocab, _ = ckpt.restore_metadata(latest)
+    logging.info("Resuming from the checkpoint of step %d.", latest)
+  else:
+    vocab = input_pipeline.build_vocabulary(builder, config.train_split,
+                                            config.vocab_min_count)
+    if jax.process_index() == 0:
+      vocab.save(os.path.join(workdir, "vocab.json"))
+  logging.info("Vocabulary: %d words.", len(vocab))
+
+  rng = jax.random.key(config.seed)
+  state = create_train_state(jax.random.fold_in(rng, 0), config, len(vocab))
+  if latest is not None:
+    state = ckpt.restore_state(state, latest)
+  start_step = int(state.step)
+  dropout_rng = jax.random.fold_in(rng, 1)
+  p_train_step, p_eval_step = compile_steps(config)
+
+  # A resumed run reads a fresh data order rather than replaying the start.
+  train_ds = input_pipeline.create_train_dataset(
+      builder, config, vocab, seed=config.seed + start_step)
+  train_iter = flax.jax_utils.prefetch_to_device(
+      map(lambda b: input_pipeline.shard(b, num_devices),
+          train_ds.as_numpy_iterator()), config.prefetch_batches)
+
+  logging.info("Training %s for %d steps from step %d on %d devices.",
+               config.dataset, config.num_train_steps, start_step,
+               jax.device_count())
+  last_time, last_step = time.time(), start_step
+  for step in range(start_step, config.num_train_steps):
+    state, train_metrics = p_train_step(state, next(train_iter), dropout_rng)
+    done = step + 1
+    if done % config.log_every_steps == 0 or done == config.num_train_steps:
+      train_metrics = {k: float(v) for k, v in
+                       jax.device_get(train_metrics).items()}
+      if not np.isfinite(train_metrics["loss"]):
+        raise FloatingPointError(
+            f"Training diverged at step {done} (loss "
+            f"{train_metrics['loss']}): lower --config.learning_rate or "
+            "--config.grad_clip_norm and restart.")
+      now = time.time()
+      steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
+      eta = (config.num_train_steps - done) / max(steps_per_sec, 1e-9)
+      logging.info("step %d/%d: %s, %.2f steps/s, ETA %.0f s", done,
+                   config.num_train_steps, _format(train_metrics),
+                   steps_per_sec, eta)
+      _write_metrics(workdir, {"step": done, "split": "train",
+                               "steps_per_sec": steps_per_sec,
+                               **train_metrics})
+      last_time, last_step = now, done
+    elif done % 50 == 0:
+      # Bounded asynchronous dispatch: keeps fake-device collectives safe.
+      jax.block_until_ready(train_metrics)
+    if (done % config.eval_every_steps == 0 or
+        done == config.num_train_steps):
+      eval_metrics = evaluate(p_eval_step, state, builder, config, vocab,
+                              config.eval_split)
+      logging.info("eval %s at step %d: %s", config.eval_split, done,
+                   _format(eval_metrics))
+      _write_metrics(workdir, {"step": done, "split": config.eval_split,
+                               **eval_metrics})
+      last_time = time.time()
+    if (done % config.checkpoint_every_steps == 0 or
+        done == config.num_train_steps):
+      ckpt.save(done, state, vocab, config)
+  ckpt.wait()
+  ckpt.close()
+
+  test_metrics = evaluate(p_eval_step, state, builder, config, vocab,
+                          config.test_split)
+  logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
+               int(state.step), _format(test_metrics))
+  _write_metrics(workdir, {"step": int(state.step),
+                           "split": config.test_split, **test_metrics})
+  return test_metrics
