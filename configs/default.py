@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Evaluation and decoding.
   config.max_decode_length = 22  # Generated tokens per caption (with EOS).
+  # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
+  config.metrics_use_java = ml_collections.config_dict.placeholder(bool)
 
   # Bookkeeping.
   config.log_every_steps = 100  # Training log line period.

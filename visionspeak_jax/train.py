@@ -139,13 +139,24 @@ def eval_step(state: TrainState, images: jax.Array, *,
                               config.max_decode_length)
 
 
-def compile_steps(config: ml_collections.ConfigDict):
-  """The pmapped train and eval steps; the state is never replicated."""
+def compile_steps(config: ml_collections.ConfigDict,
+                  devices: list[jax.Device] | None = None):
+  """The pmapped train and eval steps; the state is never replicated.
+
+  Args:
+    config: the run config.
+    devices: the local devices to map over (default: all).
+
+  Returns:
+    (p_train_step, p_eval_step).
+  """
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config), axis_name="batch",
-      in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,))
+      in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,),
+      devices=devices)
   p_eval_step = jax.pmap(functools.partial(eval_step, config=config),
-                         axis_name="batch", in_axes=(None, 0), out_axes=0)
+                         axis_name="batch", in_axes=(None, 0), out_axes=0,
+                         devices=devices)
   return p_train_step, p_eval_step
 
 
@@ -180,7 +191,8 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
       words.append(caption)
       alphas.append(batch_alphas[i, :len(caption)])
       objects.append(ex.objects)
-  results = metrics_lib.caption_metrics(references, predictions)
+  results = metrics_lib.caption_metrics(references, predictions,
+                                        use_java=config.metrics_use_java)
   if any(objects):
     results.update(metrics_lib.content_f1(
         [" ".join(w) for w in words],

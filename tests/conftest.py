@@ -1,0 +1,20 @@
+"""Test setup: two fake CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""),
+     "--xla_force_host_platform_device_count=2"]).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """A TFDS data_dir holding the generated `shapes_captions/tiny` set."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder("shapes_captions/tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir

@@ -1,0 +1,96 @@
+"""Tests of the SAT decoder: unroll, gates, deep output, loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from visionspeak_jax import decoder
+
+
+def _params(gate="vector", deep_output=True, vocab=11):
+  return decoder.init(jax.random.key(0), vocab_size=vocab, feature_dim=6,
+                      embed_dim=5, hidden_dim=7, attention_dim=4, gate=gate,
+                      deep_output=deep_output)
+
+
+@pytest.mark.parametrize("gate,deep", [("vector", True), ("scalar", False),
+                                       ("none", True)])
+def test_teacher_forced_scan_equals_python_loop(gate, deep):
+  params = _params(gate, deep)
+  b, r, t = 3, 4, 5
+  features = jax.random.normal(jax.random.key(1), (b, r, 6))
+  tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
+  logits, alphas = jax.jit(decoder.teacher_forced)(params, features, tokens)
+  assert logits.shape == (b, t, 11) and alphas.shape == (b, t, r)
+
+  proj = decoder.project_features(params, features)
+  carry = decoder.init_state(params, features)
+  for step in range(t):
+    step_logits, carry, alpha = decoder.step(params, features, proj, carry,
+                                             tokens[:, step])
+    np.testing.assert_allclose(logits[:, step], step_logits, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(alphas[:, step], alpha, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_shapes_and_unknown_gate():
+  assert _params("vector")["gate"]["w"].shape == (7, 6)
+  assert _params("scalar")["gate"]["w"].shape == (7, 1)
+  assert "gate" not in _params("none")
+  assert "deep" in _params(deep_output=True)
+  assert "out" in _params(deep_output=False)
+  with pytest.raises(ValueError, match="gate"):
+    _params("sideways")
+
+
+def test_init_state_uses_mean_features():
+  params = _params()
+  features = jax.random.normal(jax.random.key(3), (2, 4, 6))
+  h0, c0 = decoder.init_state(params, features)
+  # Permuting regions leaves the mean, and so the state, unchanged.
+  h1, c1 = decoder.init_state(params, features[:, ::-1])
+  np.testing.assert_allclose(h0, h1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(c0, c1, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_with_rng():
+  params = _params()
+  features = jax.random.normal(jax.random.key(4), (2, 4, 6))
+  tokens = jnp.ones((2, 3), jnp.int32)
+  plain, _ = decoder.teacher_forced(params, features, tokens, dropout_rate=0.5)
+  again, _ = decoder.teacher_forced(params, features, tokens)
+  np.testing.assert_array_equal(plain, again)
+  dropped, _ = decoder.teacher_forced(params, features, tokens,
+                                      dropout_rate=0.5,
+                                      rng=jax.random.key(5))
+  assert not np.allclose(plain, dropped)
+
+
+def test_loss_ignores_padding():
+  b, t, v, r = 2, 4, 6, 3
+  rng = np.random.RandomState(0)
+  logits = rng.randn(b, t, v).astype(np.float32)
+  targets = np.array([[3, 4, 2, 0], [5, 2, 0, 0]])
+  mask = (targets != 0).astype(np.float32)
+  alphas = np.full((b, t, r), 1.0 / r, np.float32)
+  terms = decoder.loss_terms(logits, targets, mask, alphas)
+  # Garbage at padded positions changes nothing.
+  logits2 = logits.copy()
+  logits2[0, 3] = 100.0
+  logits2[1, 2:] = -50.0
+  alphas2 = alphas.copy()
+  alphas2[1, 2:] = [1.0, 0.0, 0.0]
+  terms2 = decoder.loss_terms(logits2, targets, mask, alphas2)
+  for k in terms:
+    np.testing.assert_allclose(terms[k], terms2[k], rtol=1e-6)
+  # Hand computation of the token count and cross-entropy.
+  assert float(terms["tokens"]) == 5.0
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -sum(logp[i, j, targets[i, j]] for i in range(b) for j in range(t)
+              if mask[i, j])
+  np.testing.assert_allclose(terms["xent_sum"], want, rtol=1e-5)
+  # Doubly stochastic term: caption 0 puts 3 * 1/3 = 1 on every region
+  # (no penalty); caption 1 puts 2/3 on every region.
+  np.testing.assert_allclose(terms["attention_sum"], 3 * (1 / 3) ** 2,
+                             rtol=1e-5)

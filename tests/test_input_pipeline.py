@@ -1,0 +1,122 @@
+"""Input pipeline tests: the shapes set and COCO captions (TFDS mock data)."""
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import coco
+from configs import tiny
+from visionspeak_jax import input_pipeline
+from visionspeak_jax import vocabulary as vocab_lib
+
+
+def _coco_config():
+  config = coco.get_config()
+  config.image_size = 32
+  config.batch_size = 4
+  config.shuffle_buffer_size = 8
+  config.max_caption_length = 6
+  config.vocab_min_count = 1
+  return config
+
+
+def test_coco_captions_on_mock_data():
+  config = _coco_config()
+  with tfds.testing.mock_data(num_examples=12):
+    builder = input_pipeline.get_builder(config)
+    vocab = input_pipeline.build_vocabulary(builder, config.train_split, 1)
+    assert len(vocab) > 4
+    ds = input_pipeline.create_train_dataset(builder, config, vocab, seed=0,
+                                             process_index=1, process_count=2)
+    batch = next(ds.as_numpy_iterator())
+    assert batch["image"].shape == (2, 32, 32, 3)
+    assert batch["image"].dtype == np.uint8
+    tokens = batch["tokens"]
+    assert tokens.shape == (2, 8)
+    assert (tokens[:, 0] == vocab_lib.BOS_ID).all()
+    # Exactly one EOS per row, followed only by padding.
+    for row in tokens:
+      (eos,) = np.flatnonzero(row == vocab_lib.EOS_ID)
+      assert (row[eos + 1:] == vocab_lib.PAD_ID).all()
+      assert (row[1:eos] >= 4).all() or (row[1:eos] == vocab_lib.UNK_ID).any()
+    examples = list(input_pipeline.eval_examples(builder, config.eval_split,
+                                                 32, num_examples=5))
+    assert len(examples) == 5
+    assert all(ex.references and ex.image.shape == (32, 32, 3)
+               for ex in examples)
+    assert all(ex.objects == [] for ex in examples)
+
+
+def test_coco_not_prepared_is_one_clear_sentence(tmp_path):
+  config = _coco_config()
+  config.data_dir = str(tmp_path)
+  builder = input_pipeline.get_builder(config)
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"not prepared .* run `tfds build coco_captions"):
+    input_pipeline.build_vocabulary(builder, config.train_split, 1)
+
+
+def test_unknown_dataset_and_split(tiny_data_dir):
+  config = tiny.get_config()
+  config.dataset = "no_such_dataset_here"
+  with pytest.raises(input_pipeline.DataError, match="Unknown dataset"):
+    input_pipeline.get_builder(config)
+  config = tiny.get_config()
+  config.data_dir = tiny_data_dir
+  builder = input_pipeline.get_builder(config)
+  with pytest.raises(input_pipeline.DataError, match="Split 'trian'"):
+    input_pipeline.build_vocabulary(builder, "trian", 1)
+
+
+def test_shapes_pipeline_is_deterministic_and_sharded(tiny_data_dir):
+  config = tiny.get_config()
+  config.data_dir = tiny_data_dir
+  builder = input_pipeline.get_builder(config)
+  vocab = input_pipeline.build_vocabulary(builder, config.train_split, 1)
+  assert {"red", "circle", "left"} <= set(vocab.words)
+
+  def first_batches(seed, index, count):
+    ds = input_pipeline.create_train_dataset(
+        builder, config, vocab, seed=seed, process_index=index,
+        process_count=count)
+    return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
+
+  a, b = first_batches(0, 0, 1), first_batches(0, 0, 1)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  c = first_batches(1, 0, 1)
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  half = first_batches(0, 1, 2)[0]
+  assert half["image"].shape[0] == config.batch_size // 2
+
+  examples = list(input_pipeline.eval_examples(builder, "test",
+                                               config.image_size, 10))
+  assert len(examples) == 10
+  assert len({ex.image_id for ex in examples}) == 10
+  for ex in examples:
+    assert len(ex.references) == 5
+    assert 1 <= len(ex.objects) <= 3
+    for obj in ex.objects:
+      assert obj["color"] in ex.references[0]
+  batches = list(input_pipeline.batch_eval_examples(iter(examples), 4))
+  assert [len(names) for _, names in batches] == [4, 4, 2]
+  assert all(images.shape[0] == 4 for images, _ in batches)
+
+
+def test_shard():
+  batch = {"x": np.arange(12).reshape(6, 2)}
+  out = input_pipeline.shard(batch, 3)
+  assert out["x"].shape == (3, 2, 2)
+  np.testing.assert_array_equal(out["x"][1], [[4, 5], [6, 7]])
+
+
+def test_batch_size_must_divide_over_processes(tiny_data_dir):
+  config = tiny.get_config()
+  config.data_dir = tiny_data_dir
+  builder = input_pipeline.get_builder(config)
+  vocab = vocab_lib.Vocabulary.build(["a red circle"])
+  with pytest.raises(ValueError, match="divisible"):
+    input_pipeline.create_train_dataset(builder, config, vocab, seed=0,
+                                        process_index=0, process_count=3)
