@@ -3,6 +3,7 @@
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import coco
@@ -21,9 +22,47 @@ def _coco_config():
   return config
 
 
+_WORDS = ["man", "woman", "dog", "horse", "riding", "beach", "table", "red",
+          "pizza", "street", "sitting", "two", "on", "a", "the", "of"]
+
+
+def _mock_coco(self, split, decoders=None, read_config=None, **kwargs):
+  """COCO-captions-shaped examples: odd-sized images, 5-7 raw captions.
+
+  TFDS's random mock of coco_captions breaks on its `objects` sequence, so
+  the examples come from here; the structure is that of the real features.
+  """
+  del read_config, kwargs
+  skip_image = bool(decoders) and "image" in decoders
+  seed = sum(map(ord, str(split)))
+  rng = np.random.RandomState(seed)
+  examples = []
+  for i in range(12):
+    image = rng.randint(0, 256, (rng.randint(20, 60), rng.randint(20, 60), 3),
+                        dtype=np.uint8)
+    captions = [" ".join(rng.choice(_WORDS, rng.randint(3, 12))).capitalize()
+                + "." for _ in range(rng.randint(5, 8))]
+    examples.append({
+        "image": tf.io.encode_jpeg(image).numpy() if skip_image else image,
+        "image/id": seed * 1000 + i,
+        "captions": {"id": np.arange(len(captions)),
+                     "text": np.array(captions, dtype=object)}})
+
+  def gen():
+    yield from examples
+
+  image_spec = (tf.TensorSpec([], tf.string) if skip_image else
+                tf.TensorSpec([None, None, 3], tf.uint8))
+  return tf.data.Dataset.from_generator(gen, output_signature={
+      "image": image_spec,
+      "image/id": tf.TensorSpec([], tf.int64),
+      "captions": {"id": tf.TensorSpec([None], tf.int64),
+                   "text": tf.TensorSpec([None], tf.string)}})
+
+
 def test_coco_captions_on_mock_data():
   config = _coco_config()
-  with tfds.testing.mock_data(num_examples=12):
+  with tfds.testing.mock_data(as_dataset_fn=_mock_coco):
     builder = input_pipeline.get_builder(config)
     vocab = input_pipeline.build_vocabulary(builder, config.train_split, 1)
     assert len(vocab) > 4
@@ -46,6 +85,9 @@ def test_coco_captions_on_mock_data():
     assert all(ex.references and ex.image.shape == (32, 32, 3)
                for ex in examples)
     assert all(ex.objects == [] for ex in examples)
+    assert examples[0].references[0].endswith(".")
+    # Vocabulary words are lowercased and stripped of punctuation.
+    assert "man" in vocab.words and "Man" not in vocab.words
 
 
 def test_coco_not_prepared_is_one_clear_sentence(tmp_path):

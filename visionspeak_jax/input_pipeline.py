@@ -136,18 +136,25 @@ def create_train_dataset(builder: tfds.core.DatasetBuilder,
   max_words = config.max_caption_length
   size = config.image_size
 
-  def preprocess(index, ex):
-    texts = ex["captions"]["text"]
+  def decode(ex):
+    return {"image": resize_image(ex["image"], size),
+            "texts": ex["captions"]["text"]}
+
+  def pick_caption(index, ex):
+    texts = ex["texts"]
     # A new reference per visit, reproducible from (seed, visit index).
     pick = tf.random.stateless_uniform(
         [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
         maxval=tf.shape(texts, out_type=tf.int64)[0], dtype=tf.int64)
-    return {"image": resize_image(ex["image"], size),
+    return {"image": ex["image"],
             "tokens": encode_caption(texts[pick], table, max_words)}
 
   ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  if config.cache_train_images:
+    ds = ds.cache()
   ds = ds.shuffle(config.shuffle_buffer_size, seed=seed).repeat()
-  ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate().map(pick_caption, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 

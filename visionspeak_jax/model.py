@@ -81,8 +81,8 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
   return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
 
 
-def make_step_fn(decoder_params: dict[str, Any], features: jax.Array
-                 ) -> tuple[decoding.StepFn, Any]:
+def make_step_fn(decoder_params: dict[str, Any], features: jax.Array,
+                 beams: int = 1) -> tuple[decoding.StepFn, Any]:
   """A `decoding` step function and its initial state for some images.
 
   The feature projection happens here, once, not inside the step.
@@ -90,16 +90,21 @@ def make_step_fn(decoder_params: dict[str, Any], features: jax.Array
   Args:
     decoder_params: decoder parameters.
     features: [B, R, C] region features.
+    beams: hypotheses per image the step function will be called with; the
+      features are repeated so row b * beams + k belongs to image b.
 
   Returns:
-    (step_fn, initial state).
+    (step_fn over [B * beams] tokens, initial state with leading dim B).
   """
+  state = decoder.init_state(decoder_params, features)
+  if beams > 1:
+    features = jnp.repeat(features, beams, axis=0)  # [B, R, C] -> [B*K, R, C]
   features_proj = decoder.project_features(decoder_params, features)
 
   def step_fn(tokens, carry):
     return decoder.step(decoder_params, features, features_proj, carry, tokens)
 
-  return step_fn, decoder.init_state(decoder_params, features)
+  return step_fn, state
 
 
 def greedy_caption(decoder_params: dict[str, Any], features: jax.Array,
@@ -109,3 +114,16 @@ def greedy_caption(decoder_params: dict[str, Any], features: jax.Array,
   return decoding.greedy(step_fn, state, features.shape[0], max_length,
                          bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
                          pad_id=vocabulary.PAD_ID)
+
+
+def beam_caption(decoder_params: dict[str, Any], features: jax.Array, *,
+                 beam_size: int, max_length: int,
+                 length_penalty: float = 0.0) -> decoding.Decoded:
+  """Beam-search captions for [B, R, C] features (beam_size 1 is greedy)."""
+  if beam_size <= 1:
+    return greedy_caption(decoder_params, features, max_length)
+  step_fn, state = make_step_fn(decoder_params, features, beam_size)
+  return decoding.beam_search(
+      step_fn, state, features.shape[0], beam_size, max_length,
+      bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
+      pad_id=vocabulary.PAD_ID, length_penalty=length_penalty)

@@ -191,6 +191,9 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
       words.append(caption)
       alphas.append(batch_alphas[i, :len(caption)])
       objects.append(ex.objects)
+  for image_id in list(predictions)[:3]:
+    logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],
+                 references[image_id][0])
   results = metrics_lib.caption_metrics(references, predictions,
                                         use_java=config.metrics_use_java)
   if any(objects):

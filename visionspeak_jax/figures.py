@@ -1,0 +1,114 @@
+"""Attention figures in the style of the "Show, Attend and Tell" paper.
+
+The first panel is the image; every further panel shows the image with the
+attention map of one word blended over it, the word as its title.
+
+The panels are composed in NumPy and drawn as one pixel-exact image with
+matplotlib's Agg canvas: one image and a few text labels per figure instead
+of one axes per word keeps a 64-figure batch to a few seconds. The figure is
+a `matplotlib.figure.Figure`, never a pyplot one, so nothing is registered
+globally and nothing leaks or needs a display.
+"""
+
+import math
+from typing import Sequence
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+from PIL import Image
+
+_DPI = 100
+_MARGIN = 6  # Pixels between panels and around the grid.
+_TITLE = 24  # Pixels above every panel for its word.
+
+
+def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size),
+                                                  Image.Resampling.BICUBIC))
+
+
+def _upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
+  """float [h, w] attention -> float [size, size] in [0, 1], smooth."""
+  alpha = np.nan_to_num(np.asarray(alpha, np.float32))
+  # Bilinear rather than nearest: the grid cells are receptive-field centres,
+  # not hard boxes, and blocks would suggest a precision the model lacks.
+  up = np.asarray(Image.fromarray(alpha, mode="F").resize(
+      (size, size), Image.Resampling.BILINEAR))
+  up = np.clip(up, 0.0, None)
+  # Normalised per word: with 49+ regions the raw weights are all small, and
+  # the figure is about where each word looked, not how peaked it was.
+  peak = up.max()
+  return up / peak if peak > 0 else up
+
+
+def grid_shape(num_panels: int, columns: int = 5) -> tuple[int, int]:
+  """(rows, columns) of the panel grid for `num_panels` panels."""
+  cols = max(1, min(columns, num_panels))
+  return math.ceil(num_panels / cols), cols
+
+
+def attention_figure(image: np.ndarray, words: Sequence[str],
+                     alphas: np.ndarray, path: str, *, columns: int = 5,
+                     panel_size: int = 224, cmap: str = "Greys_r",
+                     opacity: float = 0.7) -> int:
+  """Writes a PNG: the image, then one attention panel per word.
+
+  Args:
+    image: uint8 [H, W, 3], the image the model saw.
+    words: the caption, T words (append "<end>" with its map to show EOS).
+    alphas: float [T, h, w], the attention map of every word.
+    path: where the PNG goes.
+    columns: panels per row before wrapping.
+    panel_size: side of each square panel in pixels.
+    cmap: matplotlib colormap of the attention overlay; the default, white
+      where the model looked and dark elsewhere, is the paper's look.
+    opacity: weight of the overlay against the image, in [0, 1].
+
+  Returns:
+    The number of panels drawn, 1 + T.
+
+  Raises:
+    ValueError: the shapes of `image`, `words` and `alphas` disagree.
+  """
+  image = np.asarray(image)
+  alphas = np.asarray(alphas)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"The image must be uint8 [H, W, 3], got {image.dtype} "
+                     f"{list(image.shape)}.")
+  if alphas.shape[0] != len(words) or (len(words) and alphas.ndim != 3):
+    raise ValueError(f"Expected {len(words)} attention maps [T, h, w] for "
+                     f"{len(words)} words, got {list(alphas.shape)}.")
+  size = panel_size
+  base = _resize_image(image, size).astype(np.float32)  # [P, P, 3]
+  colour = colormaps[cmap]
+  panels = [base]
+  for alpha in alphas:
+    heat = colour(_upsample_map(alpha, size))[..., :3] * 255.0  # [P, P, 3]
+    panels.append((1.0 - opacity) * base + opacity * heat)
+
+  rows, cols = grid_shape(len(panels), columns)
+  height = rows * (_TITLE + size) + (rows + 1) * _MARGIN
+  width = cols * size + (cols + 1) * _MARGIN
+  canvas = np.full((height, width, 3), 255, np.uint8)
+  titles = [""] + list(words)
+  fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+  FigureCanvasAgg(fig)
+  for i, (panel, title) in enumerate(zip(panels, titles)):
+    r, c = divmod(i, cols)
+    top = _MARGIN + r * (_TITLE + size + _MARGIN) + _TITLE
+    left = _MARGIN + c * (size + _MARGIN)
+    canvas[top:top + size, left:left + size] = np.clip(
+        np.round(panel), 0, 255).astype(np.uint8)
+    if title:
+      # Figure coordinates run bottom-up; the title sits centred in its band.
+      fig.text((left + size / 2) / width,
+               1.0 - (top - _TITLE / 2) / height, title, ha="center",
+               va="center", fontsize=13, parse_math=False)
+  fig.figimage(canvas, xo=0, yo=0, origin="upper")
+  fig.savefig(path, dpi=_DPI, format="png")
+  return len(panels)
