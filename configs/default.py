@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.5  # Dropout on the LSTM output.
   config.model.gate = "vector"  # Context gate: "vector", "scalar", "none".
   config.model.deep_output = True  # The paper's deep output layer.
+  # Learned per-region position embedding added to the features (not in the
+  # paper; helps small CNNs whose features barely encode position).
+  config.model.position_embedding = False
   config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
 
   # Optimisation.
@@ -55,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Evaluation and decoding.
   config.max_decode_length = 22  # Generated tokens per caption (with EOS).
+  config.beam_size = 3  # Beam width in evaluation; 1 decodes greedily.
+  config.length_penalty = 0.0  # GNMT length penalty exponent; 0 = raw sums.
+  config.best_metric = "cider"  # WORKDIR/best keeps the top eval checkpoint.
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
   config.metrics_use_java = ml_collections.config_dict.placeholder(bool)
 

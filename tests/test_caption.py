@@ -121,11 +121,14 @@ def test_cli_captions_good_files_and_reports_bad_ones(run_dir, inputs,
                                                       tmp_path):
   output = str(tmp_path / "figures")
   paths = [path for path, _ in inputs.values()]
+  # As a user runs it: without the test session's TensorFlow log level.
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   # Greedy and a batch smaller than the file count: several padded batches.
   proc = subprocess.run(
       [sys.executable, "-m", "visionspeak_jax.caption", f"--workdir={run_dir}",
        "--beam_size=1", "--batch_size=4", f"--output={output}"] + paths,
-      cwd=_REPO, capture_output=True, text=True, timeout=300, check=False)
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
   assert proc.returncode == 1, proc.stderr
   good = [p for p, ok in inputs.values() if ok]
   bad = [p for p, ok in inputs.values() if not ok]

@@ -8,22 +8,23 @@ import pytest
 from visionspeak_jax import decoder
 
 
-def _params(gate="vector", deep_output=True, vocab=11):
+def _params(gate="vector", deep_output=True, vocab=11, num_regions=0):
   return decoder.init(jax.random.key(0), vocab_size=vocab, feature_dim=6,
                       embed_dim=5, hidden_dim=7, attention_dim=4, gate=gate,
-                      deep_output=deep_output)
+                      deep_output=deep_output, num_regions=num_regions)
 
 
-@pytest.mark.parametrize("gate,deep", [("vector", True), ("scalar", False),
-                                       ("none", True)])
-def test_teacher_forced_scan_equals_python_loop(gate, deep):
-  params = _params(gate, deep)
+@pytest.mark.parametrize("gate,deep,regions", [
+    ("vector", True, 0), ("scalar", False, 0), ("none", True, 4)])
+def test_teacher_forced_scan_equals_python_loop(gate, deep, regions):
+  params = _params(gate, deep, num_regions=regions)
   b, r, t = 3, 4, 5
   features = jax.random.normal(jax.random.key(1), (b, r, 6))
   tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
   logits, alphas = jax.jit(decoder.teacher_forced)(params, features, tokens)
   assert logits.shape == (b, t, 11) and alphas.shape == (b, t, r)
 
+  features = decoder.add_positions(params, features)
   proj = decoder.project_features(params, features)
   carry = decoder.init_state(params, features)
   for step in range(t):
@@ -94,3 +95,14 @@ def test_loss_ignores_padding():
   # (no penalty); caption 1 puts 2/3 on every region.
   np.testing.assert_allclose(terms["attention_sum"], 3 * (1 / 3) ** 2,
                              rtol=1e-5)
+
+
+def test_position_embedding():
+  params = _params(num_regions=4)
+  assert params["positions"].shape == (4, 6)
+  features = jnp.zeros((2, 4, 6))
+  np.testing.assert_allclose(decoder.add_positions(params, features)[1],
+                             params["positions"])
+  assert "positions" not in _params()
+  with pytest.raises(ValueError, match="built for 4 regions"):
+    decoder.add_positions(params, jnp.zeros((1, 9, 6)))

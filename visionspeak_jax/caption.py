@@ -15,6 +15,7 @@ not the training data.
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import sys
@@ -29,7 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
 from visionspeak_jax import checkpoint as checkpoint_lib
@@ -46,6 +46,19 @@ _PRE_REDUCE_MARGIN = 8
 
 # Modes with transparency, composited on white.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# EXIF orientation -> the transpose that shows the image upright, as
+# ImageOps.exif_transpose does (applied by hand: the JPEG pixels may come
+# from TensorFlow's decoder).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Modes whose pixel values can be averaged.
 _REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
 
@@ -90,19 +103,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> [size, size, 3] with the training pipeline's resize."""
-  # Imported here: TensorFlow only resizes in this module, and the CLI sets
-  # TensorFlow's log level before the first import.
-  from visionspeak_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+def _tensorflow():
+  """TensorFlow, imported on first use and kept off the accelerators."""
+  # Imported here: TensorFlow only decodes and resizes in this module, and
+  # the CLI sets TensorFlow's log level before the first import.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     # TensorFlow would otherwise take the accelerators' memory from JAX.
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:
     pass  # TensorFlow is already initialised by the caller; leave it be.
+  return tf
+
+
+def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> [size, size, 3] with the training pipeline's resize."""
+  from visionspeak_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  tf = _tensorflow()
   with tf.device("/CPU:0"):
     return input_pipeline.resize_image(tf.constant(pixels), size).numpy()
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+  """JPEG bytes -> uint8 [H, W, 3], bit for bit as TFDS decodes them."""
+  # TensorFlow's default IDCT is the fast integer one, PIL's the accurate
+  # one: up to 5 levels apart per pixel. The model was trained on the former.
+  tf = _tensorflow()
+  with tf.device("/CPU:0"):
+    return tf.io.decode_jpeg(data, channels=3).numpy()
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -131,18 +159,30 @@ def load_image(path: str, size: int) -> np.ndarray:
   if os.path.getsize(path) == 0:
     raise ImageError(path, "the file is empty; re-export or re-download it")
   try:
+    with open(path, "rb") as f:
+      data = f.read()
     with warnings.catch_warnings():
       # Large is fine here: the image is reduced while decoding. PIL still
       # refuses images past twice its limit (about 179 megapixels).
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(path) as image:
+      with Image.open(io.BytesIO(data)) as image:
         request = _PRE_REDUCE_MARGIN * size
-        image.draft(None, (request, request))  # Only JPEG acts on this.
-        image.load()
-        # Reduced before the copies that orientation and conversion make.
-        image = _reduce(image, request)
-        image = _to_rgb(_orient(image))
-        image = _reduce(image, request)  # Modes `_reduce` skipped above.
+        transpose = _EXIF_TRANSPOSE.get(_orientation(image))
+        if (image.format == "JPEG" and image.mode in ("L", "RGB") and
+            min(image.size) // request < 2):
+          # Ordinary photos: the training pipeline's own decoder. PIL checks
+          # the file first, as TensorFlow would log its complaints to stderr
+          # besides raising.
+          image.load()
+          image = Image.fromarray(_decode_jpeg(data))
+        else:
+          image.draft(None, (request, request))  # Only JPEG acts on this.
+          image.load()
+          # Reduced before the copies that orientation and conversion make.
+          image = _reduce(image, request)
+        if transpose is not None:
+          image = image.transpose(transpose)
+        image = _reduce(_to_rgb(image), request)  # Modes skipped above too.
         pixels = np.asarray(image, np.uint8)  # [H, W, 3]
   except ImageError:
     raise
@@ -173,13 +213,13 @@ def _reduce(image: Image.Image, request: int) -> Image.Image:
   return image.reduce(factor)
 
 
-def _orient(image: Image.Image) -> Image.Image:
-  """Applies the EXIF orientation; broken EXIF leaves the image as stored."""
+def _orientation(image: Image.Image) -> int:
+  """The EXIF orientation tag, 1 (as stored) when absent or unreadable."""
   try:
-    return ImageOps.exif_transpose(image)
+    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
   except Exception:  # pylint: disable=broad-except
     # A damaged EXIF block should not cost the caption.
-    return image
+    return 1
 
 
 # ---------------------------------------------------------------------------
@@ -482,9 +522,10 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("Pass one or more image files after the flags.",
                          exitcode=2)
-  # Library INFO lines (Orbax, TensorFlow) would bury the captions and
-  # errors. TensorFlow announces oneDNN at import whatever its log level;
-  # it only resizes images here, which oneDNN does not touch (same pixels).
+  # Library log lines (Orbax, TensorFlow) would bury the captions and the
+  # one-line errors. TensorFlow announces oneDNN at import whatever its log
+  # level; it only decodes and resizes images here, which oneDNN does not
+  # touch.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   if not FLAGS["verbosity"].present:

@@ -21,24 +21,45 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Saves and restores (state, vocabulary, config) under `directory`."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               best_metric: str | None = None):
+    """Opens (and creates) a checkpoint directory.
+
+    Args:
+      directory: where the numbered step folders go.
+      max_to_keep: checkpoints kept; the oldest (or, with `best_metric`, the
+        worst) are deleted.
+      best_metric: keep the checkpoints with the highest value of this metric
+        (passed to `save`) instead of the newest ones.
+    """
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                           create=True)
+    if best_metric is not None:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True,
+          best_fn=lambda metrics: metrics[best_metric], best_mode="max")
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when there is none."""
     return self._manager.latest_step()
 
+  def best_step(self) -> int | None:
+    """The step with the best metric (the newest without `best_metric`)."""
+    return self._manager.best_step()
+
   def save(self, step: int, state: Any, vocab: vocab_lib.Vocabulary,
-           config: ml_collections.ConfigDict) -> None:
-    """Saves asynchronously; call `wait` before reading it back."""
+           config: ml_collections.ConfigDict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously; call `wait` before reading it back.
+
+    `metrics` are required when the checkpointer keeps the best checkpoints.
+    """
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         vocab=ocp.args.JsonSave(vocab.to_json()),
-        config=ocp.args.JsonSave(config.to_dict())))
+        config=ocp.args.JsonSave(config.to_dict())), metrics=metrics)
 
   def restore_state(self, target: Any, step: int | None = None) -> Any:
     """Restores the state into the structure, shapes and dtypes of `target`."""

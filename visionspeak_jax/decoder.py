@@ -36,7 +36,7 @@ def _apply_dense(p: Params, x: jax.Array) -> jax.Array:
 
 def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,
          hidden_dim: int, attention_dim: int, gate: str = "vector",
-         deep_output: bool = True) -> Params:
+         deep_output: bool = True, num_regions: int = 0) -> Params:
   """Creates decoder parameters.
 
   The gate kind and the output kind are read back from the parameter
@@ -51,6 +51,10 @@ def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,
     attention_dim: A, attention space size.
     gate: "vector" (one gate per channel), "scalar" (one per step) or "none".
     deep_output: use the paper's deep output layer instead of a plain one.
+    num_regions: R > 0 adds a learned position embedding [R, C] to the
+      region features, so attention and the LSTM know where a region is (a
+      small CNN's features barely encode it, and "left of" needs it); 0
+      leaves the features as the encoder gives them, as in the paper.
 
   Returns:
     The decoder parameter pytree.
@@ -70,6 +74,9 @@ def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,
   if gate != "none":
     params["gate"] = _dense(keys[5], hidden_dim,
                             feature_dim if gate == "vector" else 1)
+  if num_regions:
+    params["positions"] = 0.1 * jax.random.normal(
+        jax.random.fold_in(key, 9), (num_regions, feature_dim))
   if deep_output:
     params["deep"] = {"l_h": _dense(keys[6], hidden_dim, embed_dim),
                       "l_z": _dense(keys[7], feature_dim, embed_dim),
@@ -77,6 +84,20 @@ def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,
   else:
     params["out"] = _dense(keys[6], hidden_dim, vocab_size)
   return params
+
+
+def add_positions(params: Params, features: jax.Array) -> jax.Array:
+  """[B, R, C] features plus the position embedding, when there is one.
+
+  Every path into the decoder (teacher forcing, decoding) starts here.
+  """
+  if "positions" not in params:
+    return features
+  if features.shape[1] != params["positions"].shape[0]:
+    raise ValueError(f"The decoder was built for {params['positions'].shape[0]}"
+                     f" regions but got {features.shape[1]}: use the image "
+                     "size it was trained with.")
+  return features + params["positions"]
 
 
 def init_state(params: Params, features: jax.Array) -> lstm.Carry:
@@ -152,7 +173,7 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
 
   Args:
     params: decoder parameters.
-    features: [B, R, C] region features.
+    features: [B, R, C] region features (positions are added here).
     tokens_in: [B, T] inputs (BOS followed by the caption).
     dropout_rate: output dropout rate (only with `rng`).
     rng: dropout key; each step folds in its time index.
@@ -160,6 +181,7 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   Returns:
     (logits [B, T, V], alphas [B, T, R]).
   """
+  features = add_positions(params, features)
   features_proj = project_features(params, features)
   carry = init_state(params, features)
   steps = jnp.arange(tokens_in.shape[1])

@@ -42,6 +42,9 @@ def init(key: jax.Array, config: ml_collections.ConfigDict,
   encoder = create_encoder(config)
   size = config.image_size
   variables = encoder.init(k_enc, jnp.zeros((1, size, size, 3)), train=False)
+  spatial = jax.eval_shape(encoder.apply, variables,
+                           jnp.zeros((1, size, size, 3)))["spatial"]
+  num_regions = spatial.shape[1] * spatial.shape[2]
   params = {
       "encoder": variables["params"],
       "decoder": decoder.init(
@@ -49,7 +52,8 @@ def init(key: jax.Array, config: ml_collections.ConfigDict,
           feature_dim=resnet.feature_dim(m.resnet_size, m.resnet_width),
           embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
           attention_dim=m.attention_dim, gate=m.gate,
-          deep_output=m.deep_output),
+          deep_output=m.deep_output,
+          num_regions=num_regions if m.position_embedding else 0),
   }
   return params, variables["batch_stats"]
 
@@ -96,6 +100,7 @@ def make_step_fn(decoder_params: dict[str, Any], features: jax.Array,
   Returns:
     (step_fn over [B * beams] tokens, initial state with leading dim B).
   """
+  features = decoder.add_positions(decoder_params, features)
   state = decoder.init_state(decoder_params, features)
   if beams > 1:
     features = jnp.repeat(features, beams, axis=0)  # [B, R, C] -> [B*K, R, C]

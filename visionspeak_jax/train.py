@@ -131,12 +131,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
 def eval_step(state: TrainState, images: jax.Array, *,
               config: ml_collections.ConfigDict):
-  """Greedy captions (and attention maps) for this device's images."""
+  """Beam-search captions (and attention maps) for this device's images."""
   encoder = model.create_encoder(config)
   features, _ = model.encode(encoder, state.params, state.batch_stats, images,
                              train=False)
-  return model.greedy_caption(state.params["decoder"], features,
-                              config.max_decode_length)
+  return model.beam_caption(state.params["decoder"], features,
+                            beam_size=config.beam_size,
+                            max_length=config.max_decode_length,
+                            length_penalty=config.length_penalty)
 
 
 def compile_steps(config: ml_collections.ConfigDict,
@@ -162,7 +164,7 @@ def compile_steps(config: ml_collections.ConfigDict,
 
 def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
              ) -> dict[str, float]:
-  """Captions a split greedily and scores it.
+  """Captions a split with beam search and scores it.
 
   Returns:
     Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
@@ -237,6 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   builder = input_pipeline.get_builder(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      config.max_checkpoints_to_keep)
+  best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), 1,
+                                          best_metric=config.best_metric)
   latest = ckpt.latest_step()
   if latest is not None:
     vocab, _ = ckpt.restore_metadata(latest)
@@ -299,12 +303,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    _format(eval_metrics))
       _write_metrics(workdir, {"step": done, "split": config.eval_split,
                                **eval_metrics})
+      best_ckpt.save(done, state, vocab, config, metrics=eval_metrics)
       last_time = time.time()
     if (done % config.checkpoint_every_steps == 0 or
         done == config.num_train_steps):
       ckpt.save(done, state, vocab, config)
-  ckpt.wait()
-  ckpt.close()
+  for c in (ckpt, best_ckpt):
+    c.wait()
+    c.close()
 
   test_metrics = evaluate(p_eval_step, state, builder, config, vocab,
                           config.test_split)
