@@ -64,6 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
   config.metrics_use_java = ml_collections.config_dict.placeholder(bool)
 
+  # Multi-host (see visionspeak_jax/distributed.py and launch/).
+  config.distributed = "auto"  # "auto" (SLURM/TPU pod detect), "yes", "no".
+  config.coordinator_address = ""  # host:port of process 0, explicit clusters.
+  config.num_processes = 0  # Processes in an explicit cluster.
+  config.process_id = -1  # This process in an explicit cluster.
+
   # Bookkeeping.
   config.log_every_steps = 100  # Training log line period.
   config.eval_every_steps = 2_000  # Evaluation period (also at the end).

@@ -83,7 +83,8 @@ def _write_inputs(d):
   add("cmyk.jpg", True, lambda p: Image.fromarray(rgb).convert("CMYK").save(p))
   add("gray16.png", True, lambda p: Image.fromarray(
       np.linspace(0, 65535, 48 * 64).reshape(48, 64).astype(np.uint16)).save(p))
-  add("tiny.png", True, lambda p: Image.new("RGB", (1, 1), (9, 99, 199)).save(p))
+  add("tiny.png", True,
+      lambda p: Image.new("RGB", (1, 1), (9, 99, 199)).save(p))
   add("big.jpg", True,
       lambda p: Image.new("RGB", (10000, 10000), (20, 90, 200)).save(p))
 
@@ -226,6 +227,8 @@ def test_restore_needs_only_the_checkpoint(run_dir, captioner):
       os.path.join(run_dir, "vocab.json"))
   h, w = captioner.grid
   assert h * w > 1
+  best = caption.load_captioner(run_dir, best=True)
+  assert best.step == 2 and best.vocab == captioner.vocab
 
 
 def test_caption_arrays_pads_and_compiles_once(captioner):

@@ -2,7 +2,7 @@ r"""Captions image files with a trained checkpoint; optionally draws attention.
 
   python -m visionspeak_jax.caption --workdir=DIR [--beam_size=5] \
       [--batch_size=16] [--max_length=N] [--output=DIR] [--json] [--step=N] \
-      IMAGE...
+      [--best] IMAGE...
 
 Prints `PATH: caption` per image in input order (a JSON object per line with
 --json); an image that cannot be read prints `PATH: error: ...` on stderr and
@@ -87,16 +87,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   if image.mode.startswith("I") or image.mode == "F":
     # 16/32-bit grey: PIL's convert("L") clips at 255, which turns most
     # 16-bit images white; scale the value range to 0..255 instead.
-    values = np.asarray(image, np.float64)
-    values = np.nan_to_num(values)
+    values = np.nan_to_num(np.asarray(image, np.float64))
     lo, hi = values.min(), values.max()
     if image.mode == "F" and lo >= 0 and hi <= 1:
-      values = values * 255.0
-    elif lo >= 0 and hi <= 255 and image.mode == "F":
-      pass
+      values = values * 255.0  # Floats in [0, 1].
+    elif image.mode == "F" and lo >= 0 and hi <= 255:
+      pass  # Floats holding 8-bit values.
     elif lo >= 0 and hi <= 65535:
-      values = values / 257.0  # 65535 -> 255 exactly.
-    else:
+      values = values / 257.0  # 16-bit: 65535 -> 255 exactly.
+    else:  # Anything else: stretch the range it uses.
       values = (values - lo) / max(hi - lo, 1e-12) * 255.0
     grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
@@ -184,8 +183,6 @@ def load_image(path: str, size: int) -> np.ndarray:
           image = image.transpose(transpose)
         image = _reduce(_to_rgb(image), request)  # Modes skipped above too.
         pixels = np.asarray(image, np.uint8)  # [H, W, 3]
-  except ImageError:
-    raise
   except Image.DecompressionBombError as e:
     raise ImageError(path, "the image has too many pixels to decode safely; "
                      "downscale it first") from e
@@ -280,12 +277,15 @@ def _no_checkpoint(directory: str) -> checkpoint_lib.CheckpointError:
       "or point --workdir at a finished run.")
 
 
-def load_captioner(workdir: str, step: int | None = None) -> Captioner:
+def load_captioner(workdir: str, step: int | None = None,
+                   best: bool = False) -> Captioner:
   """Restores config, vocabulary and parameters from a run's checkpoint.
 
   Args:
     workdir: the training run's directory (holding `checkpoints/`).
     step: the checkpoint step; default the latest.
+    best: use `best/`, the top checkpoint by the evaluation metric, instead
+      of `checkpoints/`.
 
   Returns:
     A `Captioner`.
@@ -293,7 +293,8 @@ def load_captioner(workdir: str, step: int | None = None) -> Captioner:
   Raises:
     checkpoint.CheckpointError: there is no usable checkpoint.
   """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  directory = os.path.abspath(
+      os.path.join(workdir, "best" if best else "checkpoints"))
   if not os.path.isdir(directory):
     raise _no_checkpoint(directory)
   # Imported here: `train` pulls in TensorFlow (see `_resize`).
@@ -316,10 +317,11 @@ def load_captioner(workdir: str, step: int | None = None) -> Captioner:
   except Exception as e:  # pylint: disable=broad-except
     # Orbax reports a damaged or mismatched checkpoint in many ways; the
     # user's remedy is the same.
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
     raise checkpoint_lib.CheckpointError(
         f"The checkpoint of step {step} in {directory} cannot be restored "
-        f"({type(e).__name__}); pass --step with another saved step or "
-        "retrain.") from e
+        f"({type(e).__name__}: {detail}); pass --step with another saved "
+        "step or retrain with this version.") from e
   finally:
     ckpt.close()
   encoder = model.create_encoder(config)
@@ -421,7 +423,8 @@ def _chunks(items: Sequence[str], n: int) -> Iterator[Sequence[str]]:
 def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
         batch_size: int = 16, max_length: int | None = None,
         output: str | None = None, as_json: bool = False,
-        step: int | None = None, stdout: TextIO | None = None,
+        step: int | None = None, best: bool = False,
+        stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
   """Captions image files and prints the results: what the CLI does.
 
@@ -437,6 +440,7 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
     output: a directory for attention figures, `<image stem>.png` each.
     as_json: print a JSON object per image instead of `PATH: caption`.
     step: the checkpoint step; default the latest.
+    best: use the run's best checkpoint instead of its latest.
     stdout: where captions go (default sys.stdout).
     stderr: where errors go (default sys.stderr).
 
@@ -447,7 +451,7 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
   stdout = stdout or sys.stdout
   stderr = stderr or sys.stderr
   try:
-    captioner = load_captioner(workdir, step)
+    captioner = load_captioner(workdir, step, best)
   except checkpoint_lib.CheckpointError as e:
     print(f"error: {e}", file=stderr, flush=True)
     return 2
@@ -515,6 +519,8 @@ flags.DEFINE_string("output", None, "Directory for attention figures, one "
 flags.DEFINE_bool("json", False, "Print one JSON object per image.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.",
                      lower_bound=0)
+flags.DEFINE_bool("best", False, "Use WORKDIR/best, the top checkpoint by the "
+                  "evaluation metric, instead of WORKDIR/checkpoints.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -532,7 +538,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   sys.exit(run(argv[1:], workdir=FLAGS.workdir, beam_size=FLAGS.beam_size,
                batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-               output=FLAGS.output, as_json=FLAGS.json, step=FLAGS.step))
+               output=FLAGS.output, as_json=FLAGS.json, step=FLAGS.step,
+               best=FLAGS.best))
 
 
 if __name__ == "__main__":

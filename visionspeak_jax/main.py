@@ -16,6 +16,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from visionspeak_jax import checkpoint
+from visionspeak_jax import distributed
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import train
 
@@ -42,6 +43,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # TensorFlow only feeds data; keep it off the accelerators JAX uses.
   tf.config.experimental.set_visible_devices([], "GPU")
+  try:
+    distributed.initialize(FLAGS.config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
