@@ -8,10 +8,43 @@ checkpoint directory alone is enough to rebuild the model and caption images.
 import os
 from typing import Any
 
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from visionspeak_jax import vocabulary as vocab_lib
+
+
+def _to_global(tree: Any) -> Any:
+  """Replicated per-process values -> arrays over every process's devices.
+
+  In a multi-process run the pmapped step returns the (identical) state as
+  arrays local to each process; Orbax writes and reads global arrays.
+  """
+  if jax.process_count() == 1:
+    return tree
+  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), P())
+
+  def convert(x):
+    if not hasattr(x, "shape"):
+      return x
+    return jax.make_array_from_process_local_data(
+        sharding, np.asarray(jax.device_get(x)))
+
+  return jax.tree.map(convert, tree)
+
+
+def _to_local(tree: Any) -> Any:
+  """Restored global arrays -> host values every process can feed to pmap."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(
+      lambda x: np.asarray(x.addressable_data(0))
+      if isinstance(x, jax.Array) else x, tree)
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +90,7 @@ class Checkpointer:
     `metrics` are required when the checkpointer keeps the best checkpoints.
     """
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(_to_global(state)),
         vocab=ocp.args.JsonSave(vocab.to_json()),
         config=ocp.args.JsonSave(config.to_dict())), metrics=metrics)
 
@@ -65,8 +98,8 @@ class Checkpointer:
     """Restores the state into the structure, shapes and dtypes of `target`."""
     step = self._step(step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    return restored["state"]
+        state=ocp.args.StandardRestore(_to_global(target))))
+    return _to_local(restored["state"])
 
   def restore_metadata(self, step: int | None = None
                        ) -> tuple[vocab_lib.Vocabulary,

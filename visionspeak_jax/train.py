@@ -154,7 +154,8 @@ def compile_steps(config: ml_collections.ConfigDict,
   """
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config), axis_name="batch",
-      in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=(0,),
+      in_axes=(None, 0, None), out_axes=(None, None),
+      donate_argnums=(0,) if jax.process_count() == 1 else (),
       devices=devices)
   p_eval_step = jax.pmap(functools.partial(eval_step, config=config),
                          axis_name="batch", in_axes=(None, 0), out_axes=0,
