@@ -34,7 +34,7 @@ def get_config():
   config.learning_rate = 2e-3
   config.warmup_steps = 200
   config.log_every_steps = 100
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = 1_250
   config.checkpoint_every_steps = 500
   config.shuffle_buffer_size = 10_000  # The whole split: a full shuffle.
   config.cache_train_images = True  # 10k x 64x64x3 = 123 MB.
