@@ -45,7 +45,26 @@ def get_config() -> ml_collections.ConfigDict:
   # Learned per-region position embedding added to the features (not in the
   # paper; helps small CNNs whose features barely encode position).
   config.model.position_embedding = False
+  # A torchvision-style ResNet state dict (.safetensors, or .pth/.pt with
+  # torch installed) that initialises the encoder; "" = random init.
+  config.model.pretrained_path = ""
   config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
+
+  # Encoder training and feature caches (see visionspeak_jax/features.py).
+  # "end_to_end": ResNet + decoder from images; "cached": the decoder alone
+  # on features written by visionspeak_jax.extract_features; "fine_tune":
+  # both from images, the encoder on encoder_learning_rate.
+  config.encoder_mode = "end_to_end"
+  # Peak encoder learning rate in fine_tune; 0 freezes the encoder.
+  config.encoder_learning_rate = 1e-5
+  config.feature_cache_dir = ""  # Feature cache; "" = WORKDIR/features.
+  # extract_features without pretrained_path or a checkpoint in --workdir:
+  # allow a randomly initialised encoder (tests, smoke runs).
+  config.extract_random_encoder = False
+  # A run's workdir whose latest checkpoint initialises the encoder and/or
+  # decoder present in both (e.g. a "cached" run's decoder); its vocabulary
+  # is used. "" = none. Ignored when resuming.
+  config.init_from = ""
 
   # Optimisation.
   config.batch_size = 64  # Global batch; divisible by the device count.

@@ -65,7 +65,26 @@ def attend(params: Params, features: jax.Array, features_proj: jax.Array,
   Returns:
     (context [B, C], alpha [B, R]); alpha sums to 1 over regions.
   """
-  query = h @ params["w_h"]  # [B, H] -> [B, A]
+  return attend_query(params, features, features_proj,
+                      h @ params["w_h"])  # [B, H] -> [B, A]
+
+
+def attend_query(params: Params, features: jax.Array,
+                 features_proj: jax.Array,
+                 query: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`attend` from an already projected query `h @ w_h`.
+
+  Lets a caller fuse the query projection with other matmuls on `h`.
+
+  Args:
+    params: attention parameters.
+    features: [B, R, C] region features.
+    features_proj: [B, R, A], `project_features(params, features)`.
+    query: [B, A], `h @ params["w_h"]`.
+
+  Returns:
+    (context [B, C], alpha [B, R]); alpha sums to 1 over regions.
+  """
   scores = jnp.tanh(features_proj + query[:, None, :]) @ params["v"]  # [B, R]
   alpha = jax.nn.softmax(scores, axis=-1)
   context = jnp.einsum("br,brc->bc", alpha, features)  # [B, R, C] -> [B, C]

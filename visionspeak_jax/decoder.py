@@ -171,6 +171,14 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
                    ) -> tuple[jax.Array, jax.Array]:
   """Unrolls the decoder over the ground-truth inputs with `lax.scan`.
 
+  Computes what `step` computes at every position, rearranged for speed:
+  only the work that depends on the recurrent state stays inside the scan.
+  The embedding half of the LSTM input matmul runs once on all [B*T] inputs
+  before the scan; the three matmuls on the previous `h` (attention query,
+  gate, LSTM recurrence) are one; dropout and the output layer, the biggest
+  matmul ([B, E] @ [E, V]), run once on all [B*T] rows after the scan. Step
+  t's dropout mask is the one `step` draws with `fold_in(rng, t)`.
+
   Args:
     params: decoder parameters.
     features: [B, R, C] region features (positions are added here).
@@ -184,19 +192,55 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   features = add_positions(params, features)
   features_proj = project_features(params, features)
   carry = init_state(params, features)
-  steps = jnp.arange(tokens_in.shape[1])
+  embed_dim = params["embed"].shape[1]
+  feature_dim = features.shape[-1]
+  attention_dim = params["attention"]["w_h"].shape[1]
+  # Rows of the fused LSTM weight: [embedding; context; h] @ w.
+  w_lstm = params["lstm"]["w"]
+  w_emb = w_lstm[:embed_dim]  # [E, 4H]
+  w_ctx = w_lstm[embed_dim:embed_dim + feature_dim]  # [C, 4H]
+  w_rec = w_lstm[embed_dim + feature_dim:]  # [H, 4H]
+  # Everything the previous h feeds, side by side: [H, A (+ C | 1) + 4H].
+  w_h = [params["attention"]["w_h"], w_rec]
+  gate_dim = 0
+  if "gate" in params:
+    w_h.insert(1, params["gate"]["w"])
+    gate_dim = params["gate"]["w"].shape[1]
+  w_h = jnp.concatenate(w_h, axis=1)
 
-  def body(carry, inputs):
-    tokens, t = inputs
-    step_rng = None if rng is None else jax.random.fold_in(rng, t)
-    logits, carry, alpha = step(params, features, features_proj, carry,
-                                tokens, dropout_rate=dropout_rate,
-                                rng=step_rng)
-    return carry, (logits, alpha)
+  emb = params["embed"][tokens_in]  # [B, T] -> [B, T, E]
+  # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
+  z_emb = emb.swapaxes(0, 1) @ w_emb + params["lstm"]["b"]
 
-  # Time-major for the scan: [B, T] -> [T, B].
-  _, (logits, alphas) = jax.lax.scan(body, carry, (tokens_in.T, steps))
-  return logits.swapaxes(0, 1), alphas.swapaxes(0, 1)
+  def body(carry, z_emb_t):
+    h, c = carry
+    h_proj = h @ w_h  # [B, H] -> [B, A (+ C | 1) + 4H]
+    query = h_proj[:, :attention_dim]
+    context, alpha = attention.attend_query(params["attention"], features,
+                                            features_proj, query)
+    if gate_dim:
+      gate = h_proj[:, attention_dim:attention_dim + gate_dim]
+      context = context * jax.nn.sigmoid(gate + params["gate"]["b"])
+    z = z_emb_t + context @ w_ctx + h_proj[:, attention_dim + gate_dim:]
+    carry = lstm.apply_gates(z, c)
+    return carry, (carry[0], context, alpha)
+
+  _, (hs, contexts, alphas) = jax.lax.scan(body, carry, z_emb)
+  if rng is not None and dropout_rate != 0.0:
+    steps = jnp.arange(tokens_in.shape[1])
+    hs = jax.vmap(lambda h, t: _dropout(h, dropout_rate,
+                                        jax.random.fold_in(rng, t)))(hs, steps)
+  # Batch-major before the output layer, so the [B, T, V] logits come out
+  # in place: [T, B, ...] -> [B, T, ...] on the small tensors only.
+  hs = hs.swapaxes(0, 1)
+  if "deep" in params:
+    deep = params["deep"]
+    out = (emb + _apply_dense(deep["l_h"], hs)
+           + _apply_dense(deep["l_z"], contexts.swapaxes(0, 1)))  # [B, T, E]
+    logits = _apply_dense(deep["l_o"], out)  # [B, T, E] -> [B, T, V]
+  else:
+    logits = _apply_dense(params["out"], hs)  # [B, T, H] -> [B, T, V]
+  return logits, alphas.swapaxes(0, 1)
 
 
 def loss_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array,

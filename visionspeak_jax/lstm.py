@@ -50,6 +50,22 @@ def cell(params: Params, carry: Carry, x: jax.Array) -> Carry:
   """
   h, c = carry
   z = jnp.concatenate([x, h], axis=-1) @ params["w"] + params["b"]  # [B, 4H]
+  return apply_gates(z, c)
+
+
+def apply_gates(z: jax.Array, c: jax.Array) -> Carry:
+  """The LSTM update from gate pre-activations.
+
+  `cell` computes `z` with one matmul; a caller that knows part of the input
+  ahead of time (teacher forcing) can compute `z` in pieces and finish here.
+
+  Args:
+    z: [B, 4H] pre-activations `[x; h] @ w + b`, gates [i, f, g, o].
+    c: [B, H] previous cell state.
+
+  Returns:
+    The new (h, c).
+  """
   i, f, g, o = jnp.split(z, 4, axis=-1)
   c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
   h = jax.nn.sigmoid(o) * jnp.tanh(c)

@@ -13,6 +13,7 @@ import numpy as np
 
 from visionspeak_jax import decoder
 from visionspeak_jax import decoding
+from visionspeak_jax import pretrained
 from visionspeak_jax import resnet
 from visionspeak_jax import vocabulary
 
@@ -34,26 +35,57 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
 
 
+def num_regions(config: ml_collections.ConfigDict) -> int:
+  """R, the regions of the encoder's spatial map at `config.image_size`."""
+  encoder = create_encoder(config)
+  size = config.image_size
+  spatial = jax.eval_shape(
+      lambda: encoder.apply(
+          encoder.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                       train=False),
+          jnp.zeros((1, size, size, 3))))["spatial"]
+  return spatial.shape[1] * spatial.shape[2]
+
+
+def init_decoder(key: jax.Array, config: ml_collections.ConfigDict,
+                 vocab_size: int, regions: int) -> dict[str, Any]:
+  """Decoder parameters for features of `config.model`'s ResNet."""
+  m = config.model
+  return decoder.init(
+      key, vocab_size=vocab_size,
+      feature_dim=resnet.feature_dim(m.resnet_size, m.resnet_width),
+      embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
+      attention_dim=m.attention_dim, gate=m.gate, deep_output=m.deep_output,
+      num_regions=regions if m.position_embedding else 0)
+
+
+def init_encoder(key: jax.Array, config: ml_collections.ConfigDict
+                 ) -> dict[str, Any]:
+  """Encoder variables {"params", "batch_stats"}: random, or imported.
+
+  With `config.model.pretrained_path` set, the weights come from that
+  torchvision-style state dict (see `pretrained.py`); `key` is then unused.
+  """
+  m = config.model
+  # Under tracing (jax.eval_shape while restoring a checkpoint) only shapes
+  # matter: they are those of a random init, and the file need not exist.
+  if m.get("pretrained_path", "") and not isinstance(key, jax.core.Tracer):
+    return pretrained.load_encoder(m.pretrained_path, m.resnet_size,
+                                   num_filters=m.resnet_width,
+                                   stem=m.resnet_stem)
+  size = config.image_size
+  return create_encoder(config).init(key, jnp.zeros((1, size, size, 3)),
+                                     train=False)
+
+
 def init(key: jax.Array, config: ml_collections.ConfigDict,
          vocab_size: int) -> tuple[dict[str, Any], Any]:
   """Creates (params, batch_stats) for a config and vocabulary size."""
-  m = config.model
   k_enc, k_dec = jax.random.split(key)
-  encoder = create_encoder(config)
-  size = config.image_size
-  variables = encoder.init(k_enc, jnp.zeros((1, size, size, 3)), train=False)
-  spatial = jax.eval_shape(encoder.apply, variables,
-                           jnp.zeros((1, size, size, 3)))["spatial"]
-  num_regions = spatial.shape[1] * spatial.shape[2]
+  variables = init_encoder(k_enc, config)
   params = {
       "encoder": variables["params"],
-      "decoder": decoder.init(
-          k_dec, vocab_size=vocab_size,
-          feature_dim=resnet.feature_dim(m.resnet_size, m.resnet_width),
-          embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
-          attention_dim=m.attention_dim, gate=m.gate,
-          deep_output=m.deep_output,
-          num_regions=num_regions if m.position_embedding else 0),
+      "decoder": init_decoder(k_dec, config, vocab_size, num_regions(config)),
   }
   return params, variables["batch_stats"]
 

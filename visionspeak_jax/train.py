@@ -4,6 +4,15 @@
 collectives over the `batch` axis; `train_and_evaluate` compiles them with
 `jax.pmap`, keeps the state unreplicated (`in_axes=None`, `out_axes=None`)
 and runs the loop: train, log, evaluate, checkpoint, resume.
+
+`config.encoder_mode` picks what is trained:
+  "end_to_end": the ResNet and the decoder from images, one learning rate.
+  "cached": the decoder alone, on features from a cache written by
+    `extract_features` (params `{"decoder": ...}`; the ResNet never runs).
+  "fine_tune": both from images, the encoder on its own learning rate
+    (`config.encoder_learning_rate`; 0 freezes it), usually starting from
+    imported weights (`config.model.pretrained_path`) and/or an earlier run
+    (`config.init_from`).
 """
 
 import functools
@@ -24,38 +33,91 @@ import optax
 
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import decoder
+from visionspeak_jax import features as features_lib
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
 from visionspeak_jax import model
 from visionspeak_jax import vocabulary as vocab_lib
 
 
+ENCODER_MODES = ("end_to_end", "cached", "fine_tune")
+
+
 class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up to `learning_rate`, then cosine decay to zero."""
+def encoder_mode(config: ml_collections.ConfigDict) -> str:
+  """`config.encoder_mode`, checked."""
+  mode = config.get("encoder_mode", "end_to_end")
+  if mode not in ENCODER_MODES:
+    raise ValueError(f"Unknown encoder_mode {mode!r}: set "
+                     f"--config.encoder_mode to one of "
+                     f"{', '.join(ENCODER_MODES)}.")
+  return mode
+
+
+def _encoder_frozen(config: ml_collections.ConfigDict) -> bool:
+  """Fine-tuning with encoder_learning_rate 0: the ResNet only infers."""
+  return (encoder_mode(config) == "fine_tune" and
+          config.encoder_learning_rate <= 0)
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict,
+                            peak: float | None = None) -> optax.Schedule:
+  """Linear warm-up to `peak` (`learning_rate`), then cosine decay to zero."""
   warmup = min(config.warmup_steps, config.num_train_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      init_value=0.0,
+      peak_value=config.learning_rate if peak is None else peak,
+      warmup_steps=warmup,
       decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.0)
 
 
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> optax.GradientTransformation:
-  """AdamW on the learning-rate schedule, after global-norm clipping."""
+  """AdamW on the learning-rate schedule, after global-norm clipping.
+
+  In "fine_tune" mode the `encoder` and `decoder` subtrees get their own
+  AdamW (peaks `encoder_learning_rate` and `learning_rate`); an encoder rate
+  of 0 leaves the encoder untouched.
+  """
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(optax.adamw(create_learning_rate_fn(config),
-                           weight_decay=config.weight_decay))
+  if encoder_mode(config) != "fine_tune":
+    parts.append(optax.adamw(create_learning_rate_fn(config),
+                             weight_decay=config.weight_decay))
+    return optax.chain(*parts)
+  if config.encoder_learning_rate > 0:
+    encoder_tx = optax.adamw(
+        create_learning_rate_fn(config, config.encoder_learning_rate),
+        weight_decay=config.weight_decay)
+  else:
+    encoder_tx = optax.set_to_zero()
+  parts.append(optax.multi_transform(
+      {"encoder": encoder_tx,
+       "decoder": optax.adamw(create_learning_rate_fn(config),
+                              weight_decay=config.weight_decay)},
+      lambda params: {k: jax.tree.map(lambda _, k=k: k, v)
+                      for k, v in params.items()}))
   return optax.chain(*parts)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        vocab_size: int) -> TrainState:
-  """Fresh parameters, BatchNorm statistics and optimizer state."""
+  """Fresh parameters, BatchNorm statistics and optimizer state.
+
+  In "cached" mode the parameters are `{"decoder": ...}` alone and
+  `batch_stats` is empty: the features come precomputed.
+  """
+  if encoder_mode(config) == "cached":
+    _, k_dec = jax.random.split(rng)  # The decoder key of `model.init`.
+    params = {"decoder": model.init_decoder(k_dec, config, vocab_size,
+                                            model.num_regions(config))}
+    state = TrainState.create(apply_fn=None, params=params,
+                              tx=create_optimizer(config), batch_stats={})
+    return state.replace(step=jnp.zeros((), jnp.int32))
   params, batch_stats = model.init(rng, config, vocab_size)
   encoder = model.create_encoder(config)
   state = TrainState.create(apply_fn=encoder.apply, params=params,
@@ -83,7 +145,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
   Args:
     state: the train state (same on every device).
-    batch: `image` uint8 [b, S, S, 3] and `tokens` int32 [b, T + 1].
+    batch: `image` uint8 [b, S, S, 3] (or, in "cached" mode, `features`
+      float16 [b, R, C]) and `tokens` int32 [b, T + 1].
     rng: the run's base key; the step and device are folded in here.
     config: the run config.
 
@@ -94,10 +157,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            lax.axis_index("batch"))
   inputs, targets, mask = split_tokens(batch["tokens"])
+  mode = encoder_mode(config)
+  frozen = _encoder_frozen(config)
+  if mode == "cached":
+    fixed_features = batch["features"].astype(jnp.float32)  # [b, R, C]
+  elif frozen:
+    # A frozen encoder infers (running BatchNorm statistics) outside the
+    # differentiated function: no backward pass through the ResNet.
+    fixed_features, _ = model.encode(encoder, state.params, state.batch_stats,
+                                     batch["image"], train=False)
 
   def loss_fn(params):
-    features, batch_stats = model.encode(encoder, params, state.batch_stats,
-                                         batch["image"], train=True)
+    if mode == "cached" or frozen:
+      features, batch_stats = fixed_features, state.batch_stats
+    else:
+      features, batch_stats = model.encode(encoder, params, state.batch_stats,
+                                           batch["image"], train=True)
     logits, alphas = decoder.teacher_forced(
         params["decoder"], features, inputs,
         dropout_rate=config.model.dropout_rate, rng=rng)
@@ -111,9 +186,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   # Differentiate per-device copies of the parameters: the gradients stay
   # local until the one explicit pmean, instead of JAX summing them across
   # devices implicitly at every use of the parameters inside the scans.
-  params = lax.pcast(state.params, "batch", to="varying")
-  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
-  grads = lax.pmean(grads, "batch")
+  if frozen:
+    # Only the decoder is differentiated and averaged; the encoder's zero
+    # gradients stay local (optax.set_to_zero ignores them anyway).
+    params = lax.pcast({"decoder": state.params["decoder"]}, "batch",
+                       to="varying")
+    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    grads = {"encoder": jax.tree.map(jnp.zeros_like, state.params["encoder"]),
+             "decoder": lax.pmean(grads["decoder"], "batch")}
+  else:
+    params = lax.pcast(state.params, "batch", to="varying")
+    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
+    grads = lax.pmean(grads, "batch")
   # Synchronised BatchNorm already made the statistics equal across devices.
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   totals = lax.psum(terms, "batch")
@@ -131,10 +215,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
 
 def eval_step(state: TrainState, images: jax.Array, *,
               config: ml_collections.ConfigDict):
-  """Beam-search captions (and attention maps) for this device's images."""
-  encoder = model.create_encoder(config)
-  features, _ = model.encode(encoder, state.params, state.batch_stats, images,
-                             train=False)
+  """Beam-search captions (and attention maps) for this device's images.
+
+  `images` are uint8 [b, S, S, 3], or in "cached" mode features [b, R, C].
+  """
+  if encoder_mode(config) == "cached":
+    features = images.astype(jnp.float32)
+  else:
+    encoder = model.create_encoder(config)
+    features, _ = model.encode(encoder, state.params, state.batch_stats,
+                               images, train=False)
   return model.beam_caption(state.params["decoder"], features,
                             beam_size=config.beam_size,
                             max_length=config.max_decode_length,
@@ -163,9 +253,13 @@ def compile_steps(config: ml_collections.ConfigDict,
   return p_train_step, p_eval_step
 
 
-def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
+def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
+             cache: features_lib.FeatureCache | None = None
              ) -> dict[str, float]:
   """Captions a split with beam search and scores it.
+
+  With a feature `cache` ("cached" mode) the split is read from it and
+  `builder` is unused.
 
   Returns:
     Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
@@ -178,8 +272,11 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
                      f"divisible by the {num_devices} local devices.")
   references, predictions = {}, {}
   words, alphas, objects = [], [], []
-  examples = input_pipeline.eval_examples(builder, split, config.image_size,
-                                          config.num_eval_examples)
+  if cache is not None:
+    examples = cache.eval_examples(split, config.num_eval_examples)
+  else:
+    examples = input_pipeline.eval_examples(builder, split, config.image_size,
+                                            config.num_eval_examples)
   for images, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
     decoded = p_eval_step(state, input_pipeline.shard(images, num_devices))
@@ -210,6 +307,58 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str
   return results
 
 
+def _init_checkpoint(config: ml_collections.ConfigDict
+                     ) -> checkpoint_lib.Checkpointer:
+  directory = os.path.join(config.init_from, "checkpoints")
+  if not os.path.isdir(directory):
+    raise checkpoint_lib.CheckpointError(
+        f"No checkpoint in {directory}: point --config.init_from at a "
+        "finished run's workdir.")
+  return checkpoint_lib.Checkpointer(directory)
+
+
+def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
+                         ) -> TrainState:
+  """Copies the parameters of `config.init_from`'s latest checkpoint.
+
+  Each of the `encoder` (with its BatchNorm statistics) and `decoder`
+  subtrees that the earlier run has and this state has is copied; the rest,
+  the step and the optimizer state stay fresh. A "cached" run thus gives its
+  decoder to a "fine_tune" run whose encoder comes from pretrained weights.
+
+  Raises:
+    checkpoint.CheckpointError: no checkpoint there, or its shapes differ.
+  """
+  ckpt = _init_checkpoint(config)
+  try:
+    step = ckpt.latest_step()
+    vocab, saved = ckpt.restore_metadata(step)
+    target = jax.eval_shape(lambda: create_train_state(
+        jax.random.key(0), saved, len(vocab)))
+    source = ckpt.restore_state(target, step)
+  finally:
+    ckpt.close()
+  params = dict(state.params)
+  batch_stats = state.batch_stats
+  copied = []
+  for part in ("encoder", "decoder"):
+    if part in params and part in source.params:
+      mine = jax.tree.map(lambda x: (x.shape, x.dtype), params[part])
+      theirs = jax.tree.map(lambda x: (x.shape, x.dtype), source.params[part])
+      if mine != theirs:
+        raise checkpoint_lib.CheckpointError(
+            f"The {part} in {config.init_from} (step {step}) has other "
+            f"shapes than this config's: use the same --config.model "
+            f"settings as that run.")
+      params[part] = source.params[part]
+      if part == "encoder":
+        batch_stats = source.batch_stats
+      copied.append(part)
+  logging.info("Initialised %s from %s (step %d).",
+               " and ".join(copied) or "nothing", config.init_from, step)
+  return state.replace(params=params, batch_stats=batch_stats)
+
+
 def _format(metrics: dict[str, Any]) -> str:
   return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in sorted(metrics.items()))
@@ -237,7 +386,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices.")
-  builder = input_pipeline.get_builder(config)
+  cached = encoder_mode(config) == "cached"
+  if cached:
+    # Features, captions and objects all come from the cache: no TFDS.
+    cache = features_lib.open_cache(config, workdir)
+    builder = None
+    logging.info("Training the decoder on cached features from %s (encoder "
+                 "%s).", cache.directory, cache.index["encoder_source"])
+  else:
+    cache = None
+    builder = input_pipeline.get_builder(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      config.max_checkpoints_to_keep)
   best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), 1,
@@ -246,24 +404,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if latest is not None:
     vocab, _ = ckpt.restore_metadata(latest)
     logging.info("Resuming from the checkpoint of step %d.", latest)
+  elif config.get("init_from", ""):
+    # The decoder copied from that run speaks its vocabulary.
+    init_ckpt = _init_checkpoint(config)
+    vocab, _ = init_ckpt.restore_metadata()
+    init_ckpt.close()
+  elif cached:
+    vocab = vocab_lib.Vocabulary.build(cache.captions(config.train_split),
+                                       min_count=config.vocab_min_count)
   else:
     vocab = input_pipeline.build_vocabulary(builder, config.train_split,
                                             config.vocab_min_count)
-    if jax.process_index() == 0:
-      vocab.save(os.path.join(workdir, "vocab.json"))
+  if latest is None and jax.process_index() == 0:
+    vocab.save(os.path.join(workdir, "vocab.json"))
   logging.info("Vocabulary: %d words.", len(vocab))
 
   rng = jax.random.key(config.seed)
   state = create_train_state(jax.random.fold_in(rng, 0), config, len(vocab))
   if latest is not None:
     state = ckpt.restore_state(state, latest)
+  elif config.get("init_from", ""):
+    state = init_from_checkpoint(state, config)
   start_step = int(state.step)
   dropout_rng = jax.random.fold_in(rng, 1)
   p_train_step, p_eval_step = compile_steps(config)
 
   # A resumed run reads a fresh data order rather than replaying the start.
-  train_ds = input_pipeline.create_train_dataset(
-      builder, config, vocab, seed=config.seed + start_step)
+  if cached:
+    train_ds = cache.train_dataset(config, vocab, seed=config.seed + start_step)
+  else:
+    train_ds = input_pipeline.create_train_dataset(
+        builder, config, vocab, seed=config.seed + start_step)
   train_iter = flax.jax_utils.prefetch_to_device(
       map(lambda b: input_pipeline.shard(b, num_devices),
           train_ds.as_numpy_iterator()), config.prefetch_batches)
@@ -299,7 +470,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if (done % config.eval_every_steps == 0 or
         done == config.num_train_steps):
       eval_metrics = evaluate(p_eval_step, state, builder, config, vocab,
-                              config.eval_split)
+                              config.eval_split, cache)
       logging.info("eval %s at step %d: %s", config.eval_split, done,
                    _format(eval_metrics))
       _write_metrics(workdir, {"step": done, "split": config.eval_split,
@@ -314,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     c.close()
 
   test_metrics = evaluate(p_eval_step, state, builder, config, vocab,
-                          config.test_split)
+                          config.test_split, cache)
   logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
                int(state.step), _format(test_metrics))
   _write_metrics(workdir, {"step": int(state.step),
