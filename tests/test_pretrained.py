@@ -82,8 +82,8 @@ def test_import_covers_every_variable(depth, tmp_path):
              if not k.startswith("fc.") and "num_batches" not in k)
   assert sum(v.size for v in got.values()) == used
   # A specific kernel: torchvision [O, I, H, W] -> Flax [H, W, I, O].
-  torch_kernel = state["layer2.0.conv1.weight"]
-  flax_kernel = variables["params"]["stage2_block1"]["conv1"]["kernel"]
+  torch_kernel = state["layer2.0.conv2.weight"]
+  flax_kernel = variables["params"]["stage2_block1"]["conv2"]["kernel"]
   np.testing.assert_array_equal(flax_kernel[1, 2, 5, 7],
                                 torch_kernel[7, 5, 1, 2])
   np.testing.assert_array_equal(

@@ -12,6 +12,7 @@ checkpoint in --workdir, else (only with --config.extract_random_encoder) a
 random init. The cache goes to --config.feature_cache_dir or WORKDIR/features.
 """
 
+import logging as pylogging
 import sys
 
 from absl import app
@@ -28,6 +29,8 @@ from visionspeak_jax import input_pipeline
 from visionspeak_jax import pretrained
 
 FLAGS = flags.FLAGS
+# Libraries whose INFO lines would bury the extraction log.
+_QUIET_INFO = ("/orbax/", "/tensorflow_datasets/")
 flags.DEFINE_string("workdir", None,
                     "Run whose encoder is used; default home of the cache.")
 config_flags.DEFINE_config_file(
@@ -35,9 +38,18 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO (and lower) records logged from chatty libraries."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return (record.levelno > pylogging.INFO or
+            not any(part in record.pathname for part in _QUIET_INFO))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   # TensorFlow only feeds data; keep it off the accelerators JAX uses.
   tf.config.experimental.set_visible_devices([], "GPU")
   try:

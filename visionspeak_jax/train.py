@@ -356,6 +356,11 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
       copied.append(part)
   logging.info("Initialised %s from %s (step %d).",
                " and ".join(copied) or "nothing", config.init_from, step)
+  if ("encoder" in params and "encoder" not in copied and
+      not config.model.get("pretrained_path", "")):
+    logging.warning("The encoder starts from a random init: set "
+                    "--config.model.pretrained_path to the weights the "
+                    "features of %s were extracted with.", config.init_from)
   return state.replace(params=params, batch_stats=batch_stats)
 
 
