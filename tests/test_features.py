@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from visionspeak_jax import caption
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import features
 from visionspeak_jax import train
@@ -73,6 +74,11 @@ def test_cached_training_is_decoder_only_and_checkpoints(cache_dir,
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
                          state.params, restored.params)
   assert any(jax.tree.leaves(changed))
+
+  # Captioning images needs an encoder, which a cached run does not have.
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match="saved no image encoder"):
+    caption.load_captioner(workdir)
 
   # A fine_tune state takes that decoder via init_from; its encoder stays.
   config.encoder_mode = "fine_tune"

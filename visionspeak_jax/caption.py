@@ -324,6 +324,11 @@ def load_captioner(workdir: str, step: int | None = None,
         "step or retrain with this version.") from e
   finally:
     ckpt.close()
+  if "encoder" not in state.params:
+    raise checkpoint_lib.CheckpointError(
+        f"The run in {workdir} trained on cached features and saved no image "
+        "encoder: fine-tune it (--config.encoder_mode=fine_tune "
+        f"--config.init_from={workdir}) and caption with that run.")
   encoder = model.create_encoder(config)
   size = config.image_size
   spatial = jax.eval_shape(

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -41,8 +42,17 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f"Unknown dataset {name!r}: set --config.dataset to "
                     "shapes_captions/default or coco_captions/2014.") from e
-  if name.split("/")[0] in _LOCAL_DATASETS and not builder.is_prepared():
-    builder.download_and_prepare()
+  if name.split("/")[0] in _LOCAL_DATASETS:
+    # Process 0 generates first so processes sharing a filesystem do not
+    # write the same files at once; hosts with their own disks then
+    # generate their own (identical, deterministic) copy.
+    if jax.process_index() == 0 and not builder.is_prepared():
+      builder.download_and_prepare()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"prepared {name}")
+      builder = tfds.builder(name, data_dir=data_dir)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
   return builder
 
 
