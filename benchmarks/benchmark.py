@@ -258,9 +258,11 @@ def main(argv):
   def row(name, value, note=""):
     print(f"  {name:<34} {value:>14}  {note}", flush=True)
 
+  # Wall-time numbers halve when anything else runs: say so up front.
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x "
-        f"{jax.device_count()}, {os.cpu_count()} CPUs, XLA_FLAGS="
-        f"{os.environ.get('XLA_FLAGS', '')!r}")
+        f"{jax.device_count()}, {os.cpu_count()} CPUs, load average "
+        f"{load:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"sizes: B={b} T={t} R={_REGIONS.value} C={_FEATURE_DIM.value} "
         f"V={_VOCAB.value} E={_EMBED.value} H={_HIDDEN.value} "
         f"A={_ATTENTION.value} gate={_GATE.value} deep={_DEEP.value} "

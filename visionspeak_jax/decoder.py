@@ -12,6 +12,7 @@ The same `step` drives the teacher-forced unroll (`lax.scan` over time) and
 every decoding strategy in `decoding.py`.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -165,6 +166,92 @@ def step(params: Params, features: jax.Array, features_proj: jax.Array,
   return logits, carry, alpha
 
 
+def _attend_and_gate(attention_dim: int, gate_dim: int, small: Params,
+                     features: jax.Array, features_proj: jax.Array,
+                     h_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gated context [B, C] and alpha [B, R] from the fused `h @ w_h` rows."""
+  context, alpha = attention.attend_query(
+      {"v": small["v"]}, features, features_proj, h_proj[:, :attention_dim])
+  if gate_dim:
+    gate = h_proj[:, attention_dim:attention_dim + gate_dim]
+    context = context * jax.nn.sigmoid(gate + small["gate_b"])
+  return context, alpha
+
+
+def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
+                 z_emb_t: jax.Array, z_ctx: jax.Array,
+                 c: jax.Array) -> lstm.Carry:
+  """LSTM update from the three parts of its pre-activation."""
+  z = z_emb_t + z_ctx + h_proj[:, attention_dim + gate_dim:]  # [B, 4H]
+  return lstm.apply_gates(z, c)
+
+
+def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
+                    features_proj, z_emb, carry):
+
+  def body(carry, z_emb_t):
+    h, c = carry
+    h_proj = h @ w_h  # [B, H] -> [B, A (+ C | 1) + 4H]
+    context, alpha = _attend_and_gate(attention_dim, gate_dim, small,
+                                      features, features_proj, h_proj)
+    z_ctx = context @ w_ctx  # [B, C] -> [B, 4H]
+    new = _cell_update(attention_dim, gate_dim, h_proj, z_emb_t, z_ctx, c)
+    return new, (new[0], context, alpha, h, c, h_proj, z_ctx)
+
+  _, (hs, contexts, alphas, h_in, c_in, h_proj, z_ctx) = jax.lax.scan(
+      body, carry, z_emb)
+  residuals = (w_h, w_ctx, small, features, features_proj, z_emb, contexts,
+               h_in, c_in, h_proj, z_ctx)
+  return (hs, contexts, alphas), residuals
+
+
+def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
+  (w_h, w_ctx, small, features, features_proj, z_emb, contexts, h_in, c_in,
+   h_proj, z_ctx) = residuals
+  ct_hs, ct_contexts, ct_alphas = cotangents
+  zeros = jax.tree.map(jnp.zeros_like, (small, features, features_proj))
+
+  def body(acc, xs):
+    dh, dc, d_small, d_features, d_proj = acc
+    (h_proj_t, z_emb_t, z_ctx_t, c_t, ct_h, ct_context, ct_alpha) = xs
+    _, cell_vjp = jax.vjp(
+        lambda hp, ze, zc, c: _cell_update(attention_dim, gate_dim, hp, ze,
+                                           zc, c),
+        h_proj_t, z_emb_t, z_ctx_t, c_t)
+    d_hp_cell, d_z_emb, d_z_ctx, dc = cell_vjp((dh + ct_h, dc))
+    _, attend_vjp = jax.vjp(
+        lambda sm, f, fp, hp: _attend_and_gate(attention_dim, gate_dim, sm,
+                                               f, fp, hp),
+        small, features, features_proj, h_proj_t)
+    d_sm, d_f, d_fp, d_hp_att = attend_vjp(
+        (ct_context + d_z_ctx @ w_ctx.T, ct_alpha))
+    d_h_proj = d_hp_cell + d_hp_att  # [B, A (+ C | 1) + 4H]
+    acc = (d_h_proj @ w_h.T, dc, jax.tree.map(jnp.add, d_small, d_sm),
+           d_features + d_f, d_proj + d_fp)
+    return acc, (d_h_proj, d_z_emb, d_z_ctx)
+
+  batch, hidden = c_in.shape[1:]
+  init = (jnp.zeros((batch, hidden)), jnp.zeros((batch, hidden))) + zeros
+  (dh, dc, d_small, d_features, d_proj), (d_h_proj, d_z_emb, d_z_ctx) = (
+      jax.lax.scan(body, init, (h_proj, z_emb, z_ctx, c_in, ct_hs,
+                                ct_contexts, ct_alphas), reverse=True))
+  # The weight gradients of the two per-step matmuls, summed over all T
+  # steps as one matmul each instead of T rank-B updates inside the loop.
+  d_w_h = jnp.einsum("tbh,tbk->hk", h_in, d_h_proj)
+  d_w_ctx = jnp.einsum("tbc,tbk->ck", contexts, d_z_ctx)
+  return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(attention_dim, gate_dim, w_h, w_ctx, small, features,
+                features_proj, z_emb, carry):
+  return _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small,
+                         features, features_proj, z_emb, carry)[0]
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
                    *, dropout_rate: float = 0.0,
                    rng: jax.Array | None = None
@@ -212,20 +299,12 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
   z_emb = emb.swapaxes(0, 1) @ w_emb + params["lstm"]["b"]
 
-  def body(carry, z_emb_t):
-    h, c = carry
-    h_proj = h @ w_h  # [B, H] -> [B, A (+ C | 1) + 4H]
-    query = h_proj[:, :attention_dim]
-    context, alpha = attention.attend_query(params["attention"], features,
-                                            features_proj, query)
-    if gate_dim:
-      gate = h_proj[:, attention_dim:attention_dim + gate_dim]
-      context = context * jax.nn.sigmoid(gate + params["gate"]["b"])
-    z = z_emb_t + context @ w_ctx + h_proj[:, attention_dim + gate_dim:]
-    carry = lstm.apply_gates(z, c)
-    return carry, (carry[0], context, alpha)
-
-  _, (hs, contexts, alphas) = jax.lax.scan(body, carry, z_emb)
+  small = {"v": params["attention"]["v"]}
+  if gate_dim:
+    small["gate_b"] = params["gate"]["b"]
+  hs, contexts, alphas = _recurrence(attention_dim, gate_dim, w_h, w_ctx,
+                                     small, features, features_proj, z_emb,
+                                     carry)
   if rng is not None and dropout_rate != 0.0:
     steps = jnp.arange(tokens_in.shape[1])
     hs = jax.vmap(lambda h, t: _dropout(h, dropout_rate,

@@ -207,7 +207,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       "xent": totals["xent_sum"] / tokens,
       "attention_loss": totals["attention_sum"] / captions,
       "accuracy": totals["correct"] / tokens,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   metrics["loss"] = metrics["xent"] + config.alpha_c * metrics["attention_loss"]
   return state, metrics
