@@ -188,6 +188,11 @@ def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
 
 def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
                     features_proj, z_emb, carry):
+  """The scan of `_recurrence`, also returning what its backward pass needs.
+
+  The step inputs (h, c) and the two per-step matmul results are kept, so
+  the backward pass recomputes only elementwise work.
+  """
 
   def body(carry, z_emb_t):
     h, c = carry
@@ -206,10 +211,16 @@ def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
 
 
 def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
+  """Reverse scan for the state gradients; weight gradients after it.
+
+  Autodiff of the scan would add a rank-B update ([H, B] @ [B, N]) to each
+  weight gradient at every step. Here the scan only emits the per-step
+  cotangents of the two matmul outputs, and each weight gradient is one
+  matmul over all B x T rows afterwards, where the CPU runs near its peak.
+  """
   (w_h, w_ctx, small, features, features_proj, z_emb, contexts, h_in, c_in,
    h_proj, z_ctx) = residuals
   ct_hs, ct_contexts, ct_alphas = cotangents
-  zeros = jax.tree.map(jnp.zeros_like, (small, features, features_proj))
 
   def body(acc, xs):
     dh, dc, d_small, d_features, d_proj = acc
@@ -230,8 +241,9 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
            d_features + d_f, d_proj + d_fp)
     return acc, (d_h_proj, d_z_emb, d_z_ctx)
 
-  batch, hidden = c_in.shape[1:]
-  init = (jnp.zeros((batch, hidden)), jnp.zeros((batch, hidden))) + zeros
+  # zeros_like keeps each value's device variance under shard_map/pmap.
+  init = jax.tree.map(jnp.zeros_like,
+                      (c_in[0], c_in[0], small, features, features_proj))
   (dh, dc, d_small, d_features, d_proj), (d_h_proj, d_z_emb, d_z_ctx) = (
       jax.lax.scan(body, init, (h_proj, z_emb, z_ctx, c_in, ct_hs,
                                 ct_contexts, ct_alphas), reverse=True))
@@ -243,8 +255,27 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(attention_dim, gate_dim, w_h, w_ctx, small, features,
-                features_proj, z_emb, carry):
+def _recurrence(attention_dim: int, gate_dim: int, w_h: jax.Array,
+                w_ctx: jax.Array, small: Params, features: jax.Array,
+                features_proj: jax.Array, z_emb: jax.Array,
+                carry: lstm.Carry
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The state-dependent part of the teacher-forced unroll.
+
+  Args:
+    attention_dim: A, leading columns of `w_h` (the attention query).
+    gate_dim: C, 1 or 0, the gate columns of `w_h` that follow.
+    w_h: [H, A + gate_dim + 4H], every matmul on the previous h.
+    w_ctx: [C, 4H], the context rows of the LSTM weight.
+    small: attention `v` and, with a gate, `gate_b`.
+    features: [B, R, C].
+    features_proj: [B, R, A].
+    z_emb: [T, B, 4H], the embedding part of the LSTM input plus its bias.
+    carry: (h0, c0), each [B, H].
+
+  Returns:
+    (hs [T, B, H], gated contexts [T, B, C], alphas [T, B, R]).
+  """
   return _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small,
                          features, features_proj, z_emb, carry)[0]
 
@@ -264,7 +295,10 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   before the scan; the three matmuls on the previous `h` (attention query,
   gate, LSTM recurrence) are one; dropout and the output layer, the biggest
   matmul ([B, E] @ [E, V]), run once on all [B*T] rows after the scan. Step
-  t's dropout mask is the one `step` draws with `fold_in(rng, t)`.
+  t's dropout mask is the one `step` draws with `fold_in(rng, t)`. The
+  scan's backward pass is written by hand (a `jax.custom_vjp`) so that the
+  weight gradients are one matmul over all steps; as with any custom VJP,
+  forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) is not supported.
 
   Args:
     params: decoder parameters.
