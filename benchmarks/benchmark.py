@@ -31,6 +31,7 @@ import optax
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from visionspeak_jax import decoder  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import decoding  # pylint: disable=g-import-not-at-top
+from visionspeak_jax import model  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import vocabulary  # pylint: disable=g-import-not-at-top
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "B of the training step.")
@@ -55,11 +56,6 @@ _BEAM_LENGTH = flags.DEFINE_integer("beam_length", 20,
                                     "max_length of the beam search.")
 _BEAM_REPEATS = flags.DEFINE_integer("beam_repeats", 3,
                                      "Timed beam batches (median).")
-_PROJECT_FIRST = flags.DEFINE_boolean(
-    "project_before_repeat", False,
-    "Beam search: project the features once per image and repeat the "
-    "projection, instead of projecting the K repeated copies as "
-    "model.make_step_fn does (same numbers, K times less projection work).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds parameters and data.")
 
 Params = dict[str, Any]
@@ -217,32 +213,19 @@ def make_train_step(optimizer: optax.GradientTransformation,
   return jax.jit(train_step, donate_argnums=(0, 1))
 
 
-def make_beam_fn(beam_size: int, max_length: int,
-                 project_before_repeat: bool = False) -> Callable[..., Any]:
+def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   """`model.beam_caption` on features, returning the final BeamState.
 
-  The same steps as `model.make_step_fn`: positions, initial state from the
-  un-repeated features, features repeated per beam, projected once per
-  batch outside the step, and `decoder.step` as the step function.
-  `project_before_repeat` projects each image once and repeats the result.
+  Uses `model.make_step_fn` (positions, initial state, features projected
+  once per image and repeated per beam) and `decoding.beam_search_loop`, so
+  the number of steps actually run can be read back.
   """
 
   def beam_fn(params, features):
-    features = decoder.add_positions(params, features)
-    state = decoder.init_state(params, features)
-    if project_before_repeat:
-      features_proj = jnp.repeat(decoder.project_features(params, features),
-                                 beam_size, axis=0)  # -> [B*K, R, A]
-    features = jnp.repeat(features, beam_size, axis=0)  # -> [B*K, R, C]
-    if not project_before_repeat:
-      features_proj = decoder.project_features(params, features)
-
-    def step_fn(tokens, carry):
-      return decoder.step(params, features, features_proj, carry, tokens)
-
+    step_fn, state = model.make_step_fn(params, features, beam_size)
     return decoding.beam_search_loop(
-        step_fn, state, features.shape[0] // beam_size, beam_size,
-        max_length, bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
+        step_fn, state, features.shape[0], beam_size, max_length,
+        bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
         pad_id=vocabulary.PAD_ID)
 
   return beam_fn
@@ -369,16 +352,14 @@ def main(argv):
   for beam_size in [int(k) for k in _BEAM_SIZES.value]:
     length = _BEAM_LENGTH.value
     beam_fn, beam_compile_s = _timed_compile(
-        make_beam_fn(beam_size, length, _PROJECT_FIRST.value), params,
-        beam_features)
+        make_beam_fn(beam_size, length), params, beam_features)
     final = beam_fn(params, beam_features)  # Warm-up.
     ran = int(final.step)
     beam_s, _ = _seconds(lambda: beam_fn(params, beam_features),
                          _BEAM_REPEATS.value)
     images = _BEAM_BATCH.value
-    # Features repeated per beam are projected K times per image.
-    projections = 1 if _PROJECT_FIRST.value else beam_size
-    flops = images * (projections * once + ran * beam_size * step_flops)
+    # Features are projected once per image, then repeated per beam.
+    flops = images * (once + ran * beam_size * step_flops)
     row(f"beam {beam_size} images/s", f"{images / beam_s:.1f}",
         f"batch {images}, {ran}/{length} steps ran, "
         f"{beam_s * 1e3:.0f} ms/batch, {flops / beam_s / 1e9:.0f} GFLOP/s, "

@@ -106,3 +106,46 @@ def test_position_embedding():
   assert "positions" not in _params()
   with pytest.raises(ValueError, match="built for 4 regions"):
     decoder.add_positions(params, jnp.zeros((1, 9, 6)))
+
+
+def _loop_forward(params, features, tokens, dropout_rate=0.0, rng=None):
+  """The reference unroll: `decoder.step` in a Python loop (plain autodiff)."""
+  features = decoder.add_positions(params, features)
+  proj = decoder.project_features(params, features)
+  carry = decoder.init_state(params, features)
+  logits, alphas = [], []
+  for t in range(tokens.shape[1]):
+    step_rng = None if rng is None else jax.random.fold_in(rng, t)
+    out, carry, alpha = decoder.step(params, features, proj, carry,
+                                     tokens[:, t], dropout_rate=dropout_rate,
+                                     rng=step_rng)
+    logits.append(out)
+    alphas.append(alpha)
+  return jnp.stack(logits, 1), jnp.stack(alphas, 1)
+
+
+@pytest.mark.parametrize("gate,deep,regions,dropout", [
+    ("vector", True, 4, 0.0), ("scalar", False, 0, 0.3), ("none", True, 0,
+                                                          0.3)])
+def test_teacher_forced_gradients_match_step_by_step_autodiff(
+    gate, deep, regions, dropout):
+  params = _params(gate, deep, num_regions=regions)
+  b, r, t = 3, 4, 5
+  features = jax.random.normal(jax.random.key(1), (b, r, 6))
+  tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
+  targets = jax.random.randint(jax.random.key(3), (b, t), 0, 11)
+  mask = jnp.ones((b, t)).at[0, 3:].set(0.0)
+  rng = jax.random.key(4) if dropout else None
+
+  def loss(forward, params, features):
+    logits, alphas = forward(params, features, tokens, dropout_rate=dropout,
+                             rng=rng)
+    terms = decoder.loss_terms(logits, targets, mask, alphas)
+    return terms["xent_sum"] + 0.7 * terms["attention_sum"]
+
+  fast = jax.jit(jax.grad(lambda p, f: loss(decoder.teacher_forced, p, f),
+                          argnums=(0, 1)))(params, features)
+  slow = jax.grad(lambda p, f: loss(_loop_forward, p, f),
+                  argnums=(0, 1))(params, features)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5), fast, slow)

@@ -134,9 +134,11 @@ def make_step_fn(decoder_params: dict[str, Any], features: jax.Array,
   """
   features = decoder.add_positions(decoder_params, features)
   state = decoder.init_state(decoder_params, features)
+  # Project once per image, then repeat both per beam.
+  features_proj = decoder.project_features(decoder_params, features)
   if beams > 1:
     features = jnp.repeat(features, beams, axis=0)  # [B, R, C] -> [B*K, R, C]
-  features_proj = decoder.project_features(decoder_params, features)
+    features_proj = jnp.repeat(features_proj, beams, axis=0)  # [B*K, R, A]
 
   def step_fn(tokens, carry):
     return decoder.step(decoder_params, features, features_proj, carry, tokens)
