@@ -302,13 +302,8 @@ class FeatureCache:
       A dataset of dicts: `features` float16 [b, R, C] and `tokens` int32
       [b, max_caption_length + 2], b = batch_size / process_count.
     """
-    process_index = (jax.process_index() if process_index is None
-                     else process_index)
-    process_count = (jax.process_count() if process_count is None
-                     else process_count)
-    if config.batch_size % process_count:
-      raise ValueError(f"batch_size {config.batch_size} must be divisible by "
-                       f"the number of processes {process_count}.")
+    process_index, process_count = input_pipeline.process_share(
+        config, process_index, process_count)
     files = self.files(config.train_split)
     if len(files) >= process_count:
       # Whole shards per process: nobody reads records it then drops.

@@ -113,6 +113,24 @@ def resize_image(image, size: int):
   return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
+def process_share(config: ml_collections.ConfigDict,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> tuple[int, int]:
+  """(this process, processes), defaulting to JAX's; checks the batch splits.
+
+  Raises:
+    ValueError: the global batch does not divide over the processes.
+  """
+  process_index = (jax.process_index() if process_index is None
+                   else process_index)
+  process_count = (jax.process_count() if process_count is None
+                   else process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
+                     f"the number of processes {process_count}.")
+  return process_index, process_count
+
+
 def create_train_dataset(builder: tfds.core.DatasetBuilder,
                          config: ml_collections.ConfigDict,
                          vocab: vocab_lib.Vocabulary, *, seed: int,
@@ -132,13 +150,8 @@ def create_train_dataset(builder: tfds.core.DatasetBuilder,
     A dataset of dicts: `image` uint8 [b, S, S, 3] and `tokens` int32
     [b, max_caption_length + 2], with b = batch_size / process_count.
   """
-  process_index = (jax.process_index() if process_index is None
-                   else process_index)
-  process_count = (jax.process_count() if process_count is None
-                   else process_count)
-  if config.batch_size % process_count:
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
-                     f"the number of processes {process_count}.")
+  process_index, process_count = process_share(config, process_index,
+                                               process_count)
   split = tfds.even_splits(config.train_split, n=process_count,
                            drop_remainder=True)[process_index]
   ds = _read_split(builder, split, shuffle_files=True, seed=seed)
