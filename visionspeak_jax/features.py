@@ -310,28 +310,11 @@ class FeatureCache:
       ds = self._records(None, files[process_index::process_count])
     else:
       ds = self._records(None, files).shard(process_count, process_index)
-    table = input_pipeline.make_token_table(vocab)
-    max_words = config.max_caption_length
-
-    def pick_caption(index, ex):
-      texts = ex["captions"]
-      # A new reference per visit, reproducible from (seed, visit index).
-      pick = tf.random.stateless_uniform(
-          [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
-          maxval=tf.shape(texts, out_type=tf.int64)[0], dtype=tf.int64)
-      return {"features": ex["features"],
-              "tokens": input_pipeline.encode_caption(texts[pick], table,
-                                                      max_words)}
-
     ds = ds.filter(lambda ex: tf.size(ex["captions"]) > 0)
     ds = ds.map(lambda ex: {"features": ex["features"],
-                            "captions": ex["captions"]})
-    if config.cache_train_images:
-      ds = ds.cache()
-    ds = ds.shuffle(config.shuffle_buffer_size, seed=seed).repeat()
-    ds = ds.enumerate().map(pick_caption, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+                            "texts": ex["captions"]})
+    return input_pipeline.sample_captions(ds, config, vocab, seed=seed,
+                                          process_count=process_count)
 
   def eval_examples(self, split: str, num_examples: int = -1
                     ) -> Iterator[input_pipeline.EvalExample]:

@@ -155,25 +155,50 @@ def create_train_dataset(builder: tfds.core.DatasetBuilder,
   split = tfds.even_splits(config.train_split, n=process_count,
                            drop_remainder=True)[process_index]
   ds = _read_split(builder, split, shuffle_files=True, seed=seed)
-  table = make_token_table(vocab)
-  max_words = config.max_caption_length
   size = config.image_size
 
   def decode(ex):
     return {"image": resize_image(ex["image"], size),
             "texts": ex["captions"]["text"]}
 
+  ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  return sample_captions(ds, config, vocab, seed=seed,
+                         process_count=process_count)
+
+
+def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
+                    vocab: vocab_lib.Vocabulary, *, seed: int,
+                    process_count: int) -> tf.data.Dataset:
+  """Examples with all their `texts` -> endless batches, one caption each.
+
+  Shared by the image and the cached-feature pipelines: optional in-memory
+  cache, shuffle, repeat, then a new reference caption per visit, encoded.
+
+  Args:
+    ds: examples; `texts` is a [N > 0] string tensor, the rest is kept.
+    config: the run config.
+    vocab: the vocabulary.
+    seed: seeds shuffling and the choice of caption.
+    process_count: processes sharing the global batch.
+
+  Returns:
+    Batches of this process's share, with `tokens` int32
+    [b, max_caption_length + 2] in place of `texts`.
+  """
+  table = make_token_table(vocab)
+  max_words = config.max_caption_length
+
   def pick_caption(index, ex):
-    texts = ex["texts"]
+    ex = dict(ex)
+    texts = ex.pop("texts")
     # A new reference per visit, reproducible from (seed, visit index).
     pick = tf.random.stateless_uniform(
         [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
         maxval=tf.shape(texts, out_type=tf.int64)[0], dtype=tf.int64)
-    return {"image": ex["image"],
-            "tokens": encode_caption(texts[pick], table, max_words)}
+    ex["tokens"] = encode_caption(texts[pick], table, max_words)
+    return ex
 
-  ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   if config.cache_train_images:
     ds = ds.cache()
   ds = ds.shuffle(config.shuffle_buffer_size, seed=seed).repeat()
