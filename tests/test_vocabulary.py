@@ -24,6 +24,10 @@ def test_decode_stops_at_eos_and_skips_pad_bos():
       vocab_lib.EOS_ID] + vocab.encode("red red")
   assert vocab.decode(ids) == ["a", "red", "circle"]
   assert vocab.decode([vocab_lib.PAD_ID, 4]) == ["a"]
+  # Positions index the kept tokens, so per-token maps stay aligned.
+  words, positions = vocab.decode_with_positions(
+      [4, vocab_lib.PAD_ID, 5, vocab_lib.BOS_ID, 6, vocab_lib.EOS_ID, 4])
+  assert words == ["a", "circle", "red"] and positions == [0, 2, 4]
 
 
 def test_json_round_trip(tmp_path):

@@ -340,21 +340,6 @@ def load_captioner(workdir: str, step: int | None = None,
                    grid=tuple(spatial.shape[1:3]))
 
 
-def _words_and_alphas(vocab: vocab_lib.Vocabulary, tokens: np.ndarray,
-                      alphas: np.ndarray) -> tuple[list[str], np.ndarray]:
-  """Decodes tokens [L] and keeps the attention map [L, R] of each word."""
-  words, keep = [], []
-  for t, token in enumerate(tokens):
-    if token == vocab_lib.EOS_ID:
-      break
-    # `vocab.decode` drops PAD and BOS; their maps must go with them.
-    word = vocab.decode([token])
-    if word:
-      words.append(word[0])
-      keep.append(t)
-  return words, alphas[keep]
-
-
 def caption_arrays(captioner: Captioner, images: np.ndarray, *,
                    beam_size: int = 5, batch_size: int = 16,
                    max_length: int | None = None,
@@ -397,8 +382,9 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
     decoded = jax.device_get(fn(captioner.params, captioner.batch_stats,
                                 batch))
     for i in range(real):
-      words, alphas = _words_and_alphas(captioner.vocab, decoded.tokens[i],
-                                        decoded.alphas[i])  # [T, R]
+      words, positions = captioner.vocab.decode_with_positions(
+          decoded.tokens[i])
+      alphas = decoded.alphas[i][positions]  # [T, R], one map per word
       results.append(Caption(words=words, score=float(decoded.scores[i]),
                              alphas=alphas.reshape(len(words), h, w)))
   return results

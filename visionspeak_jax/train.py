@@ -285,11 +285,11 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
     batch_alphas = batch_alphas.reshape((len(images),) +
                                         batch_alphas.shape[2:])  # [B, L, R]
     for i, ex in enumerate(batch):
-      caption = vocab.decode(tokens[i])
+      caption, positions = vocab.decode_with_positions(tokens[i])
       references[ex.image_id] = ex.references
       predictions[ex.image_id] = " ".join(caption)
       words.append(caption)
-      alphas.append(batch_alphas[i, :len(caption)])
+      alphas.append(batch_alphas[i, positions])  # [len(caption), R]
       objects.append(ex.objects)
   for image_id in list(predictions)[:3]:
     logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],

@@ -86,12 +86,22 @@ class Vocabulary:
 
   def decode(self, ids: Iterable[int]) -> list[str]:
     """Words up to (not including) the first EOS, skipping PAD and BOS."""
-    words = []
-    for i in ids:
+    return self.decode_with_positions(ids)[0]
+
+  def decode_with_positions(self, ids: Iterable[int]
+                            ) -> tuple[list[str], list[int]]:
+    """`decode`, plus the index in `ids` of every word kept.
+
+    Per-token data (e.g. attention maps) indexed by the positions stays
+    aligned with the words even when PAD or BOS was skipped.
+    """
+    words, positions = [], []
+    for t, i in enumerate(ids):
       i = int(i)
       if i == EOS_ID:
         break
       if i in (PAD_ID, BOS_ID):
         continue
       words.append(self.words[i] if 0 <= i < len(self.words) else UNK)
-    return words
+      positions.append(t)
+    return words, positions
