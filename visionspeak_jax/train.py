@@ -85,22 +85,20 @@ def create_optimizer(config: ml_collections.ConfigDict
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  if encoder_mode(config) != "fine_tune":
-    parts.append(optax.adamw(create_learning_rate_fn(config),
-                             weight_decay=config.weight_decay))
-    return optax.chain(*parts)
-  if config.encoder_learning_rate > 0:
-    encoder_tx = optax.adamw(
-        create_learning_rate_fn(config, config.encoder_learning_rate),
-        weight_decay=config.weight_decay)
-  else:
-    encoder_tx = optax.set_to_zero()
-  parts.append(optax.multi_transform(
-      {"encoder": encoder_tx,
-       "decoder": optax.adamw(create_learning_rate_fn(config),
-                              weight_decay=config.weight_decay)},
-      lambda params: {k: jax.tree.map(lambda _, k=k: k, v)
-                      for k, v in params.items()}))
+  tx = optax.adamw(create_learning_rate_fn(config),
+                   weight_decay=config.weight_decay)
+  if encoder_mode(config) == "fine_tune":
+    if config.encoder_learning_rate > 0:
+      encoder_tx = optax.adamw(
+          create_learning_rate_fn(config, config.encoder_learning_rate),
+          weight_decay=config.weight_decay)
+    else:
+      encoder_tx = optax.set_to_zero()
+    tx = optax.multi_transform(
+        {"encoder": encoder_tx, "decoder": tx},
+        lambda params: {k: jax.tree.map(lambda _, k=k: k, v)
+                        for k, v in params.items()})
+  parts.append(tx)
   return optax.chain(*parts)
 
 
@@ -115,12 +113,11 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
     _, k_dec = jax.random.split(rng)  # The decoder key of `model.init`.
     params = {"decoder": model.init_decoder(k_dec, config, vocab_size,
                                             model.num_regions(config))}
-    state = TrainState.create(apply_fn=None, params=params,
-                              tx=create_optimizer(config), batch_stats={})
-    return state.replace(step=jnp.zeros((), jnp.int32))
-  params, batch_stats = model.init(rng, config, vocab_size)
-  encoder = model.create_encoder(config)
-  state = TrainState.create(apply_fn=encoder.apply, params=params,
+    batch_stats, apply_fn = {}, None
+  else:
+    params, batch_stats = model.init(rng, config, vocab_size)
+    apply_fn = model.create_encoder(config).apply
+  state = TrainState.create(apply_fn=apply_fn, params=params,
                             tx=create_optimizer(config),
                             batch_stats=batch_stats)
   # An array step from the start: a Python int here would make the second
