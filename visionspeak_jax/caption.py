@@ -14,7 +14,6 @@ not the training data.
 """
 
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -26,7 +25,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -329,15 +327,9 @@ def load_captioner(workdir: str, step: int | None = None,
         f"The run in {workdir} trained on cached features and saved no image "
         "encoder: fine-tune it (--config.encoder_mode=fine_tune "
         f"--config.init_from={workdir}) and caption with that run.")
-  encoder = model.create_encoder(config)
-  size = config.image_size
-  spatial = jax.eval_shape(
-      functools.partial(encoder.apply, train=False),
-      {"params": state.params["encoder"], "batch_stats": state.batch_stats},
-      jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["spatial"]
   return Captioner(config=config, vocab=vocab, step=int(step),
                    params=state.params, batch_stats=state.batch_stats,
-                   grid=tuple(spatial.shape[1:3]))
+                   grid=model.grid(config))
 
 
 def caption_arrays(captioner: Captioner, images: np.ndarray, *,

@@ -35,8 +35,8 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
 
 
-def num_regions(config: ml_collections.ConfigDict) -> int:
-  """R, the regions of the encoder's spatial map at `config.image_size`."""
+def grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(h, w) of the encoder's spatial map at `config.image_size` (shapes only)."""
   encoder = create_encoder(config)
   size = config.image_size
   spatial = jax.eval_shape(
@@ -44,7 +44,13 @@ def num_regions(config: ml_collections.ConfigDict) -> int:
           encoder.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
                        train=False),
           jnp.zeros((1, size, size, 3))))["spatial"]
-  return spatial.shape[1] * spatial.shape[2]
+  return spatial.shape[1], spatial.shape[2]
+
+
+def num_regions(config: ml_collections.ConfigDict) -> int:
+  """R = h * w, the regions of the encoder's spatial map."""
+  h, w = grid(config)
+  return h * w
 
 
 def init_decoder(key: jax.Array, config: ml_collections.ConfigDict,
