@@ -173,10 +173,7 @@ def extract(config: ml_collections.ConfigDict, workdir: str,
   process_count = (jax.process_count() if process_count is None
                    else process_count)
   directory = cache_dir(config, workdir)
-  num_devices = jax.local_device_count()
-  if config.eval_batch_size % num_devices:
-    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be "
-                     f"divisible by the {num_devices} local devices.")
+  num_devices = input_pipeline.eval_devices(config)
   variables, source = encoder_variables(config, workdir)
   fingerprint = pretrained.fingerprint(variables)
   encoder = model.create_encoder(config)

@@ -274,6 +274,19 @@ def batch_eval_examples(examples: Iterator[EvalExample], batch_size: int
     yield np.stack(images), batch
 
 
+def eval_devices(config: ml_collections.ConfigDict) -> int:
+  """Local devices that share an evaluation batch; checks that it divides.
+
+  Raises:
+    ValueError: `eval_batch_size` does not divide over the local devices.
+  """
+  num_devices = jax.local_device_count()
+  if config.eval_batch_size % num_devices:
+    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be "
+                     f"divisible by the {num_devices} local devices.")
+  return num_devices
+
+
 def shard(batch: Any, num_devices: int) -> Any:
   """[b, ...] -> [num_devices, b / num_devices, ...] for every leaf."""
   return jax.tree.map(

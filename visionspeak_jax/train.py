@@ -263,10 +263,7 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
     and, for datasets with object annotations, content F1 and attention
     grounding.
   """
-  num_devices = jax.local_device_count()
-  if config.eval_batch_size % num_devices:
-    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be "
-                     f"divisible by the {num_devices} local devices.")
+  num_devices = input_pipeline.eval_devices(config)
   references, predictions = {}, {}
   words, alphas, objects = [], [], []
   if cache is not None:
