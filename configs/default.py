@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_decode_length = 22  # Generated tokens per caption (with EOS).
   config.beam_size = 3  # Beam width in evaluation; 1 decodes greedily.
   config.length_penalty = 0.0  # GNMT length penalty exponent; 0 = raw sums.
+  # Matmul inputs of greedy/beam decoding (evaluation, caption CLI):
+  # "float32", or "bfloat16" (products still summed in float32), about 1.5x
+  # faster beam search on CPUs with AVX512-BF16 and on GPUs/TPUs.
+  config.decode_dtype = "float32"
   config.best_metric = "cider"  # WORKDIR/best keeps the top eval checkpoint.
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
   config.metrics_use_java = ml_collections.config_dict.placeholder(bool)

@@ -43,13 +43,16 @@ def project_features(params: Params, features: jax.Array) -> jax.Array:
   """Projects region features into the attention space, once per image.
 
   Args:
-    params: attention parameters.
+    params: attention parameters; `w_f` may be a lower-precision copy, and
+      the product still accumulates in float32.
     features: [B, R, C] region features.
 
   Returns:
-    [B, R, A] projected features.
+    [B, R, A] projected features, float32.
   """
-  return features @ params["w_f"] + params["b_f"]  # [B, R, C] -> [B, R, A]
+  w_f = params["w_f"]  # A bfloat16 copy runs a bfloat16 matmul.
+  return jnp.dot(features.astype(w_f.dtype), w_f,
+                 preferred_element_type=jnp.float32) + params["b_f"]
 
 
 def attend(params: Params, features: jax.Array, features_proj: jax.Array,
@@ -74,18 +77,27 @@ def attend_query(params: Params, features: jax.Array,
                  query: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`attend` from an already projected query `h @ w_h`.
 
-  Lets a caller fuse the query projection with other matmuls on `h`.
+  Lets a caller fuse the query projection with other matmuls on `h`. The
+  query may hold K rows per image (K = rows / B, the hypotheses of a beam
+  search, row b * K + k belonging to image b): they all read the one copy
+  of the image's features, so nothing is repeated per hypothesis.
 
   Args:
     params: attention parameters.
-    features: [B, R, C] region features.
+    features: [B, R, C] region features, float32 or a lower-precision copy
+      (the weighted sum then accumulates in float32).
     features_proj: [B, R, A], `project_features(params, features)`.
-    query: [B, A], `h @ params["w_h"]`.
+    query: [B*K, A], `h @ params["w_h"]`.
 
   Returns:
-    (context [B, C], alpha [B, R]); alpha sums to 1 over regions.
+    (context [B*K, C], alpha [B*K, R]), float32; alpha sums to 1 over
+    regions.
   """
-  scores = jnp.tanh(features_proj + query[:, None, :]) @ params["v"]  # [B, R]
+  b, r, c = features.shape
+  query = query.reshape(b, -1, query.shape[-1])  # [B*K, A] -> [B, K, A]
+  # [B, 1, R, A] + [B, K, 1, A] -> [B, K, R, A] -> [B, K, R]
+  scores = jnp.tanh(features_proj[:, None] + query[:, :, None]) @ params["v"]
   alpha = jax.nn.softmax(scores, axis=-1)
-  context = jnp.einsum("br,brc->bc", alpha, features)  # [B, R, C] -> [B, C]
-  return context, alpha
+  context = jnp.einsum("bkr,brc->bkc", alpha.astype(features.dtype), features,
+                       preferred_element_type=jnp.float32)  # [B, K, C]
+  return context.reshape(-1, c), alpha.reshape(-1, r)

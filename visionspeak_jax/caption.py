@@ -31,6 +31,7 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import decoder
 from visionspeak_jax import figures
 from visionspeak_jax import model
 from visionspeak_jax import vocabulary as vocab_lib
@@ -232,10 +233,25 @@ class Captioner:
   grid: tuple[int, int]  # (h, w) of the attention grid, h * w = R.
   _compiled: dict[tuple[Any, ...], Any] = dataclasses.field(
       default_factory=dict, repr=False)
+  _weights: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                               repr=False)
 
   @property
   def image_size(self) -> int:
     return self.config.image_size
+
+  @property
+  def decode_dtype(self) -> str:
+    """The run's `decode_dtype` (float32 for runs that predate it)."""
+    return self.config.get("decode_dtype", "float32")
+
+  def decoding_weights(self, decode_dtype: str) -> Any:
+    """The decoder's `decoding_weights`, built once per dtype."""
+    if decode_dtype not in self._weights:
+      self._weights[decode_dtype] = jax.jit(
+          decoder.decoding_weights, static_argnums=1)(
+              self.params["decoder"], model.decode_dtype(decode_dtype))
+    return self._weights[decode_dtype]
 
   def compiled(self, beam_size: int, max_length: int,
                length_penalty: float):
@@ -244,10 +260,10 @@ class Captioner:
     if key not in self._compiled:
       encoder = model.create_encoder(self.config)
 
-      def caption_fn(params, batch_stats, images):
+      def caption_fn(params, batch_stats, weights, images):
         features, _ = model.encode(encoder, params, batch_stats, images,
                                    train=False)  # [B, R, C]
-        return model.beam_caption(params["decoder"], features,
+        return model.beam_caption(weights, features,
                                   beam_size=beam_size, max_length=max_length,
                                   length_penalty=length_penalty)
 
@@ -335,7 +351,8 @@ def load_captioner(workdir: str, step: int | None = None,
 def caption_arrays(captioner: Captioner, images: np.ndarray, *,
                    beam_size: int = 5, batch_size: int = 16,
                    max_length: int | None = None,
-                   length_penalty: float = 0.0) -> list[Caption]:
+                   length_penalty: float = 0.0,
+                   decode_dtype: str | None = None) -> list[Caption]:
   """Captions preprocessed images.
 
   Every batch, the last one padded, has `batch_size` images, so a run
@@ -349,6 +366,8 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
     max_length: generated tokens at most (EOS included); default the
       config's `max_decode_length`.
     length_penalty: passed to the beam search.
+    decode_dtype: "float32" or "bfloat16" matmul inputs; default the run's
+      `decode_dtype`.
 
   Returns:
     N captions, in order.
@@ -362,6 +381,7 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
   if beam_size < 1 or batch_size < 1:
     raise ValueError("beam_size and batch_size must be at least 1.")
   max_length = max_length or captioner.config.max_decode_length
+  weights = captioner.decoding_weights(decode_dtype or captioner.decode_dtype)
   fn = captioner.compiled(beam_size, max_length, length_penalty)
   h, w = captioner.grid
   results = []
@@ -372,7 +392,7 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
       pad = np.zeros((batch_size - real,) + batch.shape[1:], np.uint8)
       batch = np.concatenate([batch, pad])
     decoded = jax.device_get(fn(captioner.params, captioner.batch_stats,
-                                batch))
+                                weights, batch))
     for i in range(real):
       words, positions = captioner.vocab.decode_with_positions(
           decoded.tokens[i])
@@ -407,6 +427,7 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
         batch_size: int = 16, max_length: int | None = None,
         output: str | None = None, as_json: bool = False,
         step: int | None = None, best: bool = False,
+        decode_dtype: str | None = None,
         stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
   """Captions image files and prints the results: what the CLI does.
@@ -424,6 +445,7 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
     as_json: print a JSON object per image instead of `PATH: caption`.
     step: the checkpoint step; default the latest.
     best: use the run's best checkpoint instead of its latest.
+    decode_dtype: "float32" or "bfloat16" matmul inputs; default the run's.
     stdout: where captions go (default sys.stdout).
     stderr: where errors go (default sys.stderr).
 
@@ -464,7 +486,8 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
       continue
     captions = caption_arrays(captioner, np.stack(images),
                               beam_size=beam_size, batch_size=batch_size,
-                              max_length=max_length)
+                              max_length=max_length,
+                              decode_dtype=decode_dtype)
     for path, image, caption in zip(good, images, captions):
       figure = None
       if output:
@@ -504,6 +527,10 @@ flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.",
                      lower_bound=0)
 flags.DEFINE_bool("best", False, "Use WORKDIR/best, the top checkpoint by the "
                   "evaluation metric, instead of WORKDIR/checkpoints.")
+flags.DEFINE_enum("decode_dtype", None, list(model.DECODE_DTYPES),
+                  "Matmul inputs of the decoder; bfloat16 is faster on CPUs "
+                  "with AVX512-BF16 and on GPUs/TPUs. Default: the run's "
+                  "config.decode_dtype.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -522,7 +549,7 @@ def main(argv):
   sys.exit(run(argv[1:], workdir=FLAGS.workdir, beam_size=FLAGS.beam_size,
                batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                output=FLAGS.output, as_json=FLAGS.json, step=FLAGS.step,
-               best=FLAGS.best))
+               best=FLAGS.best, decode_dtype=FLAGS.decode_dtype))
 
 
 if __name__ == "__main__":

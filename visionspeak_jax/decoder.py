@@ -8,8 +8,10 @@ One step, given the previous word and the state (h, c):
   logits         = W_o dropout(h) + b_o                          (plain), or
   logits         = L_o dropout(embed(prev) + L_h h + L_z context)  (deep output)
 
-The same `step` drives the teacher-forced unroll (`lax.scan` over time) and
-every decoding strategy in `decoding.py`.
+`step` is that step as written. Two rearrangements compute the same thing
+faster, and the tests hold both equal to it: `teacher_forced` (training,
+`lax.scan` over time) and `decode_step` (every decoding strategy in
+`decoding.py`, optionally with bfloat16 matmuls).
 """
 
 import functools
@@ -31,8 +33,13 @@ def _dense(key: jax.Array, n_in: int, n_out: int) -> Params:
           "b": jnp.zeros((n_out,))}
 
 
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w with x cast to w's dtype, accumulated and returned in float32."""
+  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def _apply_dense(p: Params, x: jax.Array) -> jax.Array:
-  return x @ p["w"] + p["b"]
+  return _mm(x, p["w"]) + p["b"]
 
 
 def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,
@@ -156,14 +163,136 @@ def step(params: Params, features: jax.Array, features_proj: jax.Array,
   carry = lstm.cell(params["lstm"], carry,
                     jnp.concatenate([emb, context], axis=-1))
   h = _dropout(carry[0], dropout_rate, rng)
+  return _output(params, emb, h, context), carry, alpha
+
+
+def _output(params: Params, emb: jax.Array, h: jax.Array,
+            context: jax.Array) -> jax.Array:
+  """Logits [..., V] from the word [..., E], new h [..., H], context [..., C].
+
+  `params` is the decoder's or `fused_weights`' (same output entries).
+  """
   if "deep" in params:
     deep = params["deep"]
     out = (emb + _apply_dense(deep["l_h"], h)
-           + _apply_dense(deep["l_z"], context))  # [B, E]
-    logits = _apply_dense(deep["l_o"], out)  # [B, E] -> [B, V]
-  else:
-    logits = _apply_dense(params["out"], h)  # [B, H] -> [B, V]
-  return logits, carry, alpha
+           + _apply_dense(deep["l_z"], context))  # [..., E]
+    return _apply_dense(deep["l_o"], out)  # [..., E] -> [..., V]
+  return _apply_dense(params["out"], h)  # [..., H] -> [..., V]
+
+
+def fused_weights(params: Params) -> Params:
+  """The decoder's recurrent weights regrouped by the input they multiply.
+
+  Every matmul on the previous h (attention query, gate, LSTM recurrence)
+  becomes one, `[H, A (+ C | 1) + 4H]`; the LSTM weight's embedding and
+  context rows stand apart. `teacher_forced` and `decoding_weights` start
+  from this; build it once, outside any loop.
+
+  Args:
+    params: decoder parameters.
+
+  Returns:
+    dict with `w_emb` [E, 4H], `w_ctx` [C, 4H], `w_h`, `lstm_b` and
+    `small` (attention `v` and, with a gate, `gate_b`).
+  """
+  embed_dim = params["embed"].shape[1]
+  w_lstm = params["lstm"]["w"]  # [E + C + H, 4H], rows [embedding; context; h]
+  feature_dim = w_lstm.shape[0] - embed_dim - w_lstm.shape[1] // 4
+  w_h = [params["attention"]["w_h"], w_lstm[embed_dim + feature_dim:]]
+  small = {"v": params["attention"]["v"]}
+  if "gate" in params:
+    w_h.insert(1, params["gate"]["w"])
+    small["gate_b"] = params["gate"]["b"]
+  return {"w_emb": w_lstm[:embed_dim],
+          "w_ctx": w_lstm[embed_dim:embed_dim + feature_dim],
+          "w_h": jnp.concatenate(w_h, axis=1),
+          "lstm_b": params["lstm"]["b"],
+          "small": small}
+
+
+def decoding_weights(params: Params, matmul_dtype: Any = None) -> Params:
+  """Everything `decode_step` and its set-up read, prepared for decoding.
+
+  On top of `fused_weights`, the embedding half of the LSTM input becomes a
+  table, `word_gates` [V, 4H] = embed @ W_emb + b: one [V, E] @ [E, 4H]
+  matmul here instead of one [N, E] @ [E, 4H] at every step. Build this
+  once per checkpoint (the caption CLI, an evaluation pass) and reuse it for
+  every batch.
+
+  Args:
+    params: decoder parameters.
+    matmul_dtype: None keeps float32; a lower precision (bfloat16) casts
+      every matmul weight, and the inputs are cast to match. The products
+      still accumulate in float32, and biases, the tables and all
+      elementwise work stay float32.
+
+  Returns:
+    A decoder-like pytree: `add_positions`, `init_state` and
+    `project_features` accept it, and `decode_step` runs on it.
+  """
+  fused = fused_weights(params)
+  dtype = jnp.float32 if matmul_dtype is None else matmul_dtype
+  weights = {
+      "embed": params["embed"],
+      # [V, E] @ [E, 4H] -> [V, 4H], in the matmul precision.
+      "word_gates": _mm(params["embed"], fused["w_emb"].astype(dtype))
+                    + fused["lstm_b"],
+      "w_ctx": fused["w_ctx"].astype(dtype),
+      "w_h": fused["w_h"].astype(dtype),
+      "small": fused["small"],
+      "init_h": params["init_h"],
+      "init_c": params["init_c"],
+      "attention": {"w_f": params["attention"]["w_f"].astype(dtype),
+                    "b_f": params["attention"]["b_f"]},
+  }
+  for name in ("positions", "deep", "out"):
+    if name in params:
+      weights[name] = params[name]
+  for name in ("deep", "out"):  # The output layer's "w"s.
+    if name in weights:
+      weights[name] = jax.tree_util.tree_map_with_path(
+          lambda path, x: x.astype(dtype)
+          if path[-1] == jax.tree_util.DictKey("w") else x, weights[name])
+  return weights
+
+
+def _fused_dims(small: Params) -> tuple[int, int]:
+  """(A, gate columns: C, 1 or 0) of the fused `w_h`, from `small`."""
+  return (small["v"].shape[0],
+          small["gate_b"].shape[0] if "gate_b" in small else 0)
+
+
+def decode_step(weights: Params, features: jax.Array,
+                features_proj: jax.Array, carry: lstm.Carry,
+                prev_tokens: jax.Array
+                ) -> tuple[jax.Array, lstm.Carry, jax.Array]:
+  """`step` for decoding, from `decoding_weights`: same result, less work.
+
+  Four matmuls on the state instead of seven, a table lookup for the word,
+  and the K hypotheses of an image (a beam) share one copy of its
+  features. No dropout.
+
+  Args:
+    weights: `decoding_weights(params, matmul_dtype)`.
+    features: [B, R, C] region features (positions added), in the matmul
+      dtype or float32.
+    features_proj: [B, R, A] projected features.
+    carry: (h, c), each [B*K, H]; row b * K + k belongs to image b.
+    prev_tokens: [B*K] int previous words.
+
+  Returns:
+    (logits [B*K, V], new carry, alpha [B*K, R]), float32.
+  """
+  h, c = carry
+  attention_dim, gate_dim = _fused_dims(weights["small"])
+  h_proj = _mm(h, weights["w_h"])  # [B*K, H] -> [B*K, A (+ C | 1) + 4H]
+  context, alpha = _attend_and_gate(attention_dim, gate_dim, weights["small"],
+                                    features, features_proj, h_proj)
+  carry = _cell_update(attention_dim, gate_dim, h_proj,
+                       weights["word_gates"][prev_tokens],  # [B*K, 4H]
+                       _mm(context, weights["w_ctx"]), c)
+  emb = weights["embed"][prev_tokens]  # [B*K] -> [B*K, E]
+  return _output(weights, emb, carry[0], context), carry, alpha
 
 
 def _attend_and_gate(attention_dim: int, gate_dim: int, small: Params,
@@ -313,32 +442,14 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   features = add_positions(params, features)
   features_proj = project_features(params, features)
   carry = init_state(params, features)
-  embed_dim = params["embed"].shape[1]
-  feature_dim = features.shape[-1]
-  attention_dim = params["attention"]["w_h"].shape[1]
-  # Rows of the fused LSTM weight: [embedding; context; h] @ w.
-  w_lstm = params["lstm"]["w"]
-  w_emb = w_lstm[:embed_dim]  # [E, 4H]
-  w_ctx = w_lstm[embed_dim:embed_dim + feature_dim]  # [C, 4H]
-  w_rec = w_lstm[embed_dim + feature_dim:]  # [H, 4H]
-  # Everything the previous h feeds, side by side: [H, A (+ C | 1) + 4H].
-  w_h = [params["attention"]["w_h"], w_rec]
-  gate_dim = 0
-  if "gate" in params:
-    w_h.insert(1, params["gate"]["w"])
-    gate_dim = params["gate"]["w"].shape[1]
-  w_h = jnp.concatenate(w_h, axis=1)
-
+  fused = fused_weights(params)
   emb = params["embed"][tokens_in]  # [B, T] -> [B, T, E]
   # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
-  z_emb = emb.swapaxes(0, 1) @ w_emb + params["lstm"]["b"]
-
-  small = {"v": params["attention"]["v"]}
-  if gate_dim:
-    small["gate_b"] = params["gate"]["b"]
-  hs, contexts, alphas = _recurrence(attention_dim, gate_dim, w_h, w_ctx,
-                                     small, features, features_proj, z_emb,
-                                     carry)
+  z_emb = emb.swapaxes(0, 1) @ fused["w_emb"] + fused["lstm_b"]
+  attention_dim, gate_dim = _fused_dims(fused["small"])
+  hs, contexts, alphas = _recurrence(attention_dim, gate_dim, fused["w_h"],
+                                     fused["w_ctx"], fused["small"], features,
+                                     features_proj, z_emb, carry)
   if rng is not None and dropout_rate != 0.0:
     steps = jnp.arange(tokens_in.shape[1])
     hs = jax.vmap(lambda h, t: _dropout(h, dropout_rate,
@@ -346,13 +457,7 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   # Batch-major before the output layer, so the [B, T, V] logits come out
   # in place: [T, B, ...] -> [B, T, ...] on the small tensors only.
   hs = hs.swapaxes(0, 1)
-  if "deep" in params:
-    deep = params["deep"]
-    out = (emb + _apply_dense(deep["l_h"], hs)
-           + _apply_dense(deep["l_z"], contexts.swapaxes(0, 1)))  # [B, T, E]
-    logits = _apply_dense(deep["l_o"], out)  # [B, T, E] -> [B, T, V]
-  else:
-    logits = _apply_dense(params["out"], hs)  # [B, T, H] -> [B, T, V]
+  logits = _output(params, emb, hs, contexts.swapaxes(0, 1))  # [B, T, V]
   return logits, alphas.swapaxes(0, 1)
 
 

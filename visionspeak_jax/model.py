@@ -20,6 +20,8 @@ from visionspeak_jax import vocabulary
 # ImageNet statistics, in 0..255 pixel units, as torchvision uses them.
 MEAN_RGB = np.array([0.485, 0.456, 0.406]) * 255.0
 STDDEV_RGB = np.array([0.229, 0.224, 0.225]) * 255.0
+# `config.decode_dtype`: the matmul input dtype of greedy and beam decoding.
+DECODE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def create_encoder(config: ml_collections.ConfigDict,
@@ -123,51 +125,66 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
   return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
 
 
-def make_step_fn(decoder_params: dict[str, Any], features: jax.Array,
-                 beams: int = 1) -> tuple[decoding.StepFn, Any]:
+def decode_dtype(name: str) -> Any:
+  """A `decode_dtype` name as a matmul dtype (None for float32).
+
+  Raises:
+    ValueError: for a name other than "float32" or "bfloat16".
+  """
+  if name not in DECODE_DTYPES:
+    raise ValueError(f"decode_dtype must be one of {sorted(DECODE_DTYPES)}, "
+                     f"got {name!r}.")
+  return DECODE_DTYPES[name]
+
+
+def make_step_fn(weights: dict[str, Any], features: jax.Array
+                 ) -> tuple[decoding.StepFn, Any]:
   """A `decoding` step function and its initial state for some images.
 
-  The feature projection happens here, once, not inside the step.
+  The features are projected here, once per image, not inside the step.
+  The step function takes K rows per image (K = rows / B: 1 for greedy or
+  sampling, the beam width for beam search), which all read one copy of
+  the image's features.
 
   Args:
-    decoder_params: decoder parameters.
+    weights: `decoder.decoding_weights(...)`, built once per checkpoint.
     features: [B, R, C] region features.
-    beams: hypotheses per image the step function will be called with; the
-      features are repeated so row b * beams + k belongs to image b.
 
   Returns:
-    (step_fn over [B * beams] tokens, initial state with leading dim B).
+    (step_fn over [B * K] tokens, initial state with leading dim B).
   """
-  features = decoder.add_positions(decoder_params, features)
-  state = decoder.init_state(decoder_params, features)
-  # Project once per image, then repeat both per beam.
-  features_proj = decoder.project_features(decoder_params, features)
-  if beams > 1:
-    features = jnp.repeat(features, beams, axis=0)  # [B, R, C] -> [B*K, R, C]
-    features_proj = jnp.repeat(features_proj, beams, axis=0)  # [B*K, R, A]
+  features = decoder.add_positions(weights, features)
+  state = decoder.init_state(weights, features)
+  features_proj = decoder.project_features(weights, features)
+  # Read at every step: keep them in the matmul precision.
+  features = features.astype(weights["w_ctx"].dtype)
 
   def step_fn(tokens, carry):
-    return decoder.step(decoder_params, features, features_proj, carry, tokens)
+    return decoder.decode_step(weights, features, features_proj, carry,
+                               tokens)
 
   return step_fn, state
 
 
-def greedy_caption(decoder_params: dict[str, Any], features: jax.Array,
+def greedy_caption(weights: dict[str, Any], features: jax.Array,
                    max_length: int) -> decoding.Decoded:
-  """Greedy captions for [B, R, C] features."""
-  step_fn, state = make_step_fn(decoder_params, features)
+  """Greedy captions for [B, R, C] features (`make_step_fn`'s weights)."""
+  step_fn, state = make_step_fn(weights, features)
   return decoding.greedy(step_fn, state, features.shape[0], max_length,
                          bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
                          pad_id=vocabulary.PAD_ID)
 
 
-def beam_caption(decoder_params: dict[str, Any], features: jax.Array, *,
+def beam_caption(weights: dict[str, Any], features: jax.Array, *,
                  beam_size: int, max_length: int,
                  length_penalty: float = 0.0) -> decoding.Decoded:
-  """Beam-search captions for [B, R, C] features (beam_size 1 is greedy)."""
+  """Beam-search captions for [B, R, C] features (beam_size 1 is greedy).
+
+  `weights` are `make_step_fn`'s.
+  """
   if beam_size <= 1:
-    return greedy_caption(decoder_params, features, max_length)
-  step_fn, state = make_step_fn(decoder_params, features, beam_size)
+    return greedy_caption(weights, features, max_length)
+  step_fn, state = make_step_fn(weights, features)
   return decoding.beam_search(
       step_fn, state, features.shape[0], beam_size, max_length,
       bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,

@@ -210,11 +210,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   return state, metrics
 
 
-def eval_step(state: TrainState, images: jax.Array, *,
+def eval_step(state: TrainState, weights: Any, images: jax.Array, *,
               config: ml_collections.ConfigDict):
   """Beam-search captions (and attention maps) for this device's images.
 
-  `images` are uint8 [b, S, S, 3], or in "cached" mode features [b, R, C].
+  `weights` are `decoding_weights(state, config)`, built once per
+  evaluation pass. `images` are uint8 [b, S, S, 3], or in "cached" mode
+  features [b, R, C].
   """
   if encoder_mode(config) == "cached":
     features = images.astype(jnp.float32)
@@ -222,7 +224,7 @@ def eval_step(state: TrainState, images: jax.Array, *,
     encoder = model.create_encoder(config)
     features, _ = model.encode(encoder, state.params, state.batch_stats,
                                images, train=False)
-  return model.beam_caption(state.params["decoder"], features,
+  return model.beam_caption(weights, features,
                             beam_size=config.beam_size,
                             max_length=config.max_decode_length,
                             length_penalty=config.length_penalty)
@@ -245,9 +247,18 @@ def compile_steps(config: ml_collections.ConfigDict,
       donate_argnums=(0,) if jax.process_count() == 1 else (),
       devices=devices)
   p_eval_step = jax.pmap(functools.partial(eval_step, config=config),
-                         axis_name="batch", in_axes=(None, 0), out_axes=0,
-                         devices=devices)
+                         axis_name="batch", in_axes=(None, None, 0),
+                         out_axes=0, devices=devices)
   return p_train_step, p_eval_step
+
+
+_decoding_weights = jax.jit(decoder.decoding_weights, static_argnums=1)
+
+
+def decoding_weights(state: TrainState, config: ml_collections.ConfigDict):
+  """The decoder's `decoding_weights` in the config's `decode_dtype`."""
+  return _decoding_weights(state.params["decoder"],
+                           model.decode_dtype(config.decode_dtype))
 
 
 def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
@@ -271,9 +282,11 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
   else:
     examples = input_pipeline.eval_examples(builder, split, config.image_size,
                                             config.num_eval_examples)
+  weights = decoding_weights(state, config)  # Once for the whole split.
   for images, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
-    decoded = p_eval_step(state, input_pipeline.shard(images, num_devices))
+    decoded = p_eval_step(state, weights,
+                          input_pipeline.shard(images, num_devices))
     tokens = np.asarray(decoded.tokens).reshape(len(images), -1)  # [B, L]
     batch_alphas = np.asarray(decoded.alphas)
     batch_alphas = batch_alphas.reshape((len(images),) +
