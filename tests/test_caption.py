@@ -311,3 +311,22 @@ def test_figure_panels_grow_with_words(tmp_path):
   with pytest.raises(ValueError, match="attention maps"):
     figures.attention_figure(image, ["a", "b"], np.zeros((3, 3, 3)),
                              str(tmp_path / "bad.png"))
+
+
+def test_bfloat16_decoding(captioner, run_dir, inputs):
+  images = np.stack([_rgb(32, 32, seed) for seed in range(2)])
+  results = caption.caption_arrays(captioner, images, beam_size=3,
+                                   batch_size=2, max_length=5,
+                                   decode_dtype="bfloat16")
+  assert len(results) == 2
+  for result in results:
+    assert result.alphas.shape == (len(result.words),) + captioner.grid
+    assert np.isfinite(result.score)
+  with pytest.raises(ValueError, match="decode_dtype must be one of"):
+    caption.caption_arrays(captioner, images, beam_size=1, batch_size=2,
+                           decode_dtype="float16")
+  out = io.StringIO()
+  assert caption.run([inputs["rgb.png"][0]], workdir=run_dir, beam_size=2,
+                     decode_dtype="bfloat16", stdout=out,
+                     stderr=io.StringIO()) == 0
+  assert out.getvalue().startswith(inputs["rgb.png"][0] + ": ")

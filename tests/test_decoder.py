@@ -149,3 +149,41 @@ def test_teacher_forced_gradients_match_step_by_step_autodiff(
                   argnums=(0, 1))(params, features)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5), fast, slow)
+
+
+@pytest.mark.parametrize("gate,deep,regions", [
+    ("vector", True, 0), ("scalar", False, 4), ("none", True, 0)])
+def test_decode_step_equals_step(gate, deep, regions):
+  """The decoding form: fused weights, word table, K rows sharing features."""
+  params = _params(gate, deep, num_regions=regions)
+  b, k, r = 2, 3, 4
+  keys = jax.random.split(jax.random.key(5), 4)
+  features = decoder.add_positions(
+      params, jax.random.normal(keys[0], (b, r, 6)))
+  carry = (jax.random.normal(keys[1], (b * k, 7)),
+           jax.random.normal(keys[2], (b * k, 7)))
+  tokens = jax.random.randint(keys[3], (b * k,), 0, 11)
+  # The reference sees every image's features once per hypothesis.
+  want = decoder.step(params, jnp.repeat(features, k, axis=0),
+                      jnp.repeat(decoder.project_features(params, features),
+                                 k, axis=0), carry, tokens)
+
+  weights = decoder.decoding_weights(params)
+  assert weights["word_gates"].shape == (11, 4 * 7)
+  got = jax.jit(decoder.decode_step)(
+      weights, features, decoder.project_features(weights, features), carry,
+      tokens)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5), got, want)
+
+  # bfloat16 matmul inputs: the weights are cast, the results stay float32
+  # and close to the float32 ones.
+  weights = decoder.decoding_weights(params, jnp.bfloat16)
+  assert weights["w_h"].dtype == jnp.bfloat16
+  assert weights["word_gates"].dtype == jnp.float32
+  got = jax.jit(decoder.decode_step)(
+      weights, features.astype(jnp.bfloat16),
+      decoder.project_features(weights, features), carry, tokens)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)

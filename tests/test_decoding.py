@@ -316,3 +316,29 @@ def test_bad_sampling_arguments_raise(kw):
   with pytest.raises(ValueError, match=name):
     decoding.sample(step_fn, state, 2, 3, jax.random.key(0), bos_id=BOS,
                     eos_id=EOS, **kw)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 10000), 10), ((4, 1001), 6),
+                                     ((5, 400), 1), ((2, 37), 4)])
+def test_top_k_equals_lax_top_k(shape, k):
+  """Values and indices, ties (lower index first) and -inf included."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  ties = jnp.round(x * 2) / 2  # A handful of distinct values.
+  masked = jnp.where(x > 0.5, -jnp.inf, x)
+  for scores in (x, ties, masked, jnp.full(shape, -jnp.inf)):
+    values, indices = jax.jit(decoding.top_k, static_argnums=1)(scores, k)
+    want_values, want_indices = jax.lax.top_k(scores, k)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(indices, want_indices)
+
+
+def test_beam_first_step_runs_one_row_per_image():
+  seen = []
+  step_fn, state = _random_step(0, batch_size=3, max_length=4)
+
+  def recording_step(tokens, state):
+    seen.append(tokens.shape[0])  # At trace time.
+    return step_fn(tokens, state)
+
+  _beam(recording_step, state, 3, 2, 4)
+  assert seen[0] == 3 and set(seen[1:]) == {6}
