@@ -182,8 +182,8 @@ def test_decode_step_equals_step(gate, deep, regions):
   assert weights["w_h"].dtype == jnp.bfloat16
   assert weights["word_gates"].dtype == jnp.float32
   got = jax.jit(decoder.decode_step)(
-      weights, features.astype(jnp.bfloat16),
-      decoder.project_features(weights, features), carry, tokens)
+      weights, features, decoder.project_features(weights, features), carry,
+      tokens)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)

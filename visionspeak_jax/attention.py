@@ -84,20 +84,17 @@ def attend_query(params: Params, features: jax.Array,
 
   Args:
     params: attention parameters.
-    features: [B, R, C] region features, float32 or a lower-precision copy
-      (the weighted sum then accumulates in float32).
+    features: [B, R, C] region features.
     features_proj: [B, R, A], `project_features(params, features)`.
     query: [B*K, A], `h @ params["w_h"]`.
 
   Returns:
-    (context [B*K, C], alpha [B*K, R]), float32; alpha sums to 1 over
-    regions.
+    (context [B*K, C], alpha [B*K, R]); alpha sums to 1 over regions.
   """
   b, r, c = features.shape
   query = query.reshape(b, -1, query.shape[-1])  # [B*K, A] -> [B, K, A]
   # [B, 1, R, A] + [B, K, 1, A] -> [B, K, R, A] -> [B, K, R]
   scores = jnp.tanh(features_proj[:, None] + query[:, :, None]) @ params["v"]
   alpha = jax.nn.softmax(scores, axis=-1)
-  context = jnp.einsum("bkr,brc->bkc", alpha.astype(features.dtype), features,
-                       preferred_element_type=jnp.float32)  # [B, K, C]
+  context = jnp.einsum("bkr,brc->bkc", alpha, features)  # [B, K, C]
   return context.reshape(-1, c), alpha.reshape(-1, r)

@@ -274,8 +274,9 @@ def decode_step(weights: Params, features: jax.Array,
 
   Args:
     weights: `decoding_weights(params, matmul_dtype)`.
-    features: [B, R, C] region features (positions added), in the matmul
-      dtype or float32.
+    features: [B, R, C] region features (positions added). They stay
+      float32 whatever the matmul dtype: their weighted sum is a
+      memory-bound mix, not a matmul worth casting for.
     features_proj: [B, R, A] projected features.
     carry: (h, c), each [B*K, H]; row b * K + k belongs to image b.
     prev_tokens: [B*K] int previous words.

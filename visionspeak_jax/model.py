@@ -156,8 +156,6 @@ def make_step_fn(weights: dict[str, Any], features: jax.Array
   features = decoder.add_positions(weights, features)
   state = decoder.init_state(weights, features)
   features_proj = decoder.project_features(weights, features)
-  # Read at every step: keep them in the matmul precision.
-  features = features.astype(weights["w_ctx"].dtype)
 
   def step_fn(tokens, carry):
     return decoder.decode_step(weights, features, features_proj, carry,
