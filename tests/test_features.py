@@ -12,6 +12,7 @@ from configs import tiny
 from visionspeak_jax import caption
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import features
+from visionspeak_jax import pretrained
 from visionspeak_jax import train
 
 
@@ -80,15 +81,43 @@ def test_cached_training_is_decoder_only_and_checkpoints(cache_dir,
                      match="saved no image encoder"):
     caption.load_captioner(workdir)
 
-  # A fine_tune state takes that decoder via init_from; its encoder stays.
+  # A fine_tune state takes that decoder via init_from, and its encoder is
+  # rebuilt from the cache's record: the one the features came from.
   config.encoder_mode = "fine_tune"
   config.init_from = workdir
   fresh = train.create_train_state(jax.random.key(1), config, len(vocab))
   started = train.init_from_checkpoint(fresh, config)
   jax.tree.map(np.testing.assert_array_equal, started.params["decoder"],
                restored.params["decoder"])
-  jax.tree.map(np.testing.assert_array_equal, started.params["encoder"],
-               fresh.params["encoder"])
+  with open(os.path.join(cache_dir, "index.json")) as f:
+    index = json.load(f)
+  assert pretrained.fingerprint(
+      {"params": started.params["encoder"],
+       "batch_stats": started.batch_stats}) == index["encoder_fingerprint"]
+  assert pretrained.fingerprint(
+      {"params": fresh.params["encoder"],
+       "batch_stats": fresh.batch_stats}) != index["encoder_fingerprint"]
+
+  # Pretrained weights that are another encoder: one sentence, no start.
+  config.model.pretrained_path = "/weights/other.safetensors"
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match="not the ones the decoder of"):
+    train.init_from_checkpoint(fresh, config)
+  config.model.pretrained_path = ""
+
+  # A recorded encoder that no longer matches its fingerprint.
+  changed = str(tmp_path / "changed_cache")
+  shutil.copytree(cache_dir, changed)
+  index["encoder_fingerprint"] = "0" * 16
+  with open(os.path.join(changed, "index.json"), "w") as f:
+    json.dump(index, f)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  saved = ckpt.restore_metadata()[1]
+  ckpt.close()
+  saved.feature_cache_dir = changed
+  with pytest.raises(features.FeatureCacheError, match="has changed since"):
+    features.extraction_encoder(saved, workdir,
+                                features.cache_index(saved, workdir))
 
 
 def _batch(config, vocab_size, batch_size, seed=0):

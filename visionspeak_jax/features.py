@@ -103,37 +103,117 @@ def encoder_variables(config: ml_collections.ConfigDict, workdir: str
     return variables, f"pretrained:{os.path.abspath(m.pretrained_path)}"
   directory = os.path.join(workdir, "checkpoints")
   if os.path.isdir(directory):
-    # Imported here: `train` reads feature caches through this module.
-    from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
     ckpt = checkpoint_lib.Checkpointer(directory)
     try:
       step = ckpt.latest_step()
-      if step is not None:
-        vocab, saved = ckpt.restore_metadata(step)
-        if _encoder_description(saved) != _encoder_description(config) or (
-            saved.get("encoder_mode", "end_to_end") == "cached"):
-          raise FeatureCacheError(
-              f"The checkpoint in {directory} holds no encoder for "
-              f"{_describe(_encoder_description(config))}: extract with that "
-              "run's config, or pass --config.model.pretrained_path.")
-        target = jax.eval_shape(lambda: train.create_train_state(
-            jax.random.key(0), saved, len(vocab)))
-        state = ckpt.restore_state(target, step)
-        return ({"params": state.params["encoder"],
-                 "batch_stats": state.batch_stats},
-                f"checkpoint:{directory}@{step}")
     finally:
       ckpt.close()
+    if step is not None:
+      return (_checkpoint_encoder(config, directory, step),
+              f"checkpoint:{directory}@{step}")
   if config.get("extract_random_encoder", False):
-    size = config.image_size
-    variables = model.create_encoder(config).init(
-        jax.random.key(config.seed), jnp.zeros((1, size, size, 3)),
-        train=False)
-    return variables, f"random:seed={config.seed}"
+    return (_random_encoder(config, config.seed),
+            f"random:seed={config.seed}")
   raise FeatureCacheError(
       f"No encoder weights to extract features with (no checkpoint in "
       f"{directory}): set --config.model.pretrained_path, point --workdir at "
       "a trained run, or pass --config.extract_random_encoder=True.")
+
+
+def _checkpoint_encoder(config: ml_collections.ConfigDict, directory: str,
+                        step: int) -> dict[str, Any]:
+  """The encoder variables of a run's checkpoint, if it is `config`'s ResNet.
+
+  Raises:
+    FeatureCacheError: the checkpoint holds another ResNet, or none.
+  """
+  # Imported here: `train` reads feature caches through this module.
+  from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint_lib.Checkpointer(directory)
+  try:
+    vocab, saved = ckpt.restore_metadata(step)
+    if _encoder_description(saved) != _encoder_description(config) or (
+        saved.get("encoder_mode", "end_to_end") == "cached"):
+      raise FeatureCacheError(
+          f"The checkpoint in {directory} holds no encoder for "
+          f"{_describe(_encoder_description(config))}: extract with that "
+          "run's config, or pass --config.model.pretrained_path.")
+    target = jax.eval_shape(lambda: train.create_train_state(
+        jax.random.key(0), saved, len(vocab)))
+    state = ckpt.restore_state(target, step)
+  finally:
+    ckpt.close()
+  return {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+
+
+def _random_encoder(config: ml_collections.ConfigDict,
+                    seed: int) -> dict[str, Any]:
+  size = config.image_size
+  return model.create_encoder(config).init(
+      jax.random.key(seed), jnp.zeros((1, size, size, 3)), train=False)
+
+
+def cache_index(config: ml_collections.ConfigDict,
+                workdir: str) -> dict[str, Any] | None:
+  """The index of a run's feature cache, or None when there is none."""
+  path = os.path.join(cache_dir(config, workdir), INDEX)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def extraction_encoder(config: ml_collections.ConfigDict, workdir: str,
+                       index: dict[str, Any]) -> dict[str, Any]:
+  """The frozen encoder that wrote a run's feature cache, rebuilt and checked.
+
+  A "cached" run trains its decoder on these features; a "fine_tune" run
+  that takes over that decoder must start its encoder from the same weights.
+  They are rebuilt from the cache index's `encoder_source` (a pretrained
+  file, a checkpoint or a seeded random init) and must still match its
+  `encoder_fingerprint`.
+
+  Args:
+    config: that run's config (as saved in its checkpoint).
+    workdir: that run's directory.
+    index: `cache_index(config, workdir)`.
+
+  Returns:
+    {"params", "batch_stats"} of the encoder.
+
+  Raises:
+    FeatureCacheError: the source cannot be rebuilt, or it changed since the
+      features were extracted.
+  """
+  directory = cache_dir(config, workdir)
+  source = index["encoder_source"]
+  kind, _, where = source.partition(":")
+  m = config.model
+  try:
+    if kind == "pretrained":
+      variables = pretrained.load_encoder(
+          where, m.resnet_size, num_filters=m.resnet_width,
+          stem=m.resnet_stem)
+    elif kind == "checkpoint":
+      checkpoints, _, step = where.rpartition("@")
+      variables = _checkpoint_encoder(config, checkpoints, int(step))
+    elif kind == "random":
+      variables = _random_encoder(config, int(where.partition("=")[2]))
+    else:
+      raise FeatureCacheError(f"Unknown encoder_source {source!r}")
+  except (pretrained.PretrainedError, checkpoint_lib.CheckpointError,
+          FeatureCacheError) as e:
+    raise FeatureCacheError(
+        f"The encoder that extracted the features in {directory} ({source}) "
+        f"cannot be rebuilt ({str(e).rstrip('.')}): pass its weights with "
+        "--config.model.pretrained_path.") from e
+  if pretrained.fingerprint(variables) != index["encoder_fingerprint"]:
+    raise FeatureCacheError(
+        f"The encoder {source} has changed since it extracted the features "
+        f"in {directory} (fingerprint {pretrained.fingerprint(variables)}, "
+        f"not {index['encoder_fingerprint']}): pass the original weights "
+        "with --config.model.pretrained_path.")
+  return variables
 
 
 def _example(image_id: int, features: np.ndarray, references: list[str],
@@ -341,15 +421,13 @@ def open_cache(config: ml_collections.ConfigDict, workdir: str,
       another dataset, image size or ResNet.
   """
   directory = cache_dir(config, workdir)
-  path = os.path.join(directory, INDEX)
   rerun = ("python -m visionspeak_jax.extract_features --config=... "
            "--workdir=...")
-  if not tf.io.gfile.exists(path):
+  index = cache_index(config, workdir)
+  if index is None:
     raise FeatureCacheError(
         f"No feature cache in {directory}: run `{rerun}` with this config "
         "first, or point --config.feature_cache_dir at one.")
-  with tf.io.gfile.GFile(path) as f:
-    index = json.load(f)
   made = {k: index.get(k) for k in _encoder_description(config)}
   wanted = _encoder_description(config)
   if index.get("format") != FORMAT or made != wanted:

@@ -37,6 +37,7 @@ from visionspeak_jax import features as features_lib
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
 from visionspeak_jax import model
+from visionspeak_jax import pretrained
 from visionspeak_jax import vocabulary as vocab_lib
 
 
@@ -363,12 +364,50 @@ def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
       copied.append(part)
   logging.info("Initialised %s from %s (step %d).",
                " and ".join(copied) or "nothing", config.init_from, step)
-  if ("encoder" in params and "encoder" not in copied and
-      not config.model.get("pretrained_path", "")):
-    logging.warning("The encoder starts from a random init: set "
-                    "--config.model.pretrained_path to the weights the "
-                    "features of %s were extracted with.", config.init_from)
+  if "encoder" in params and "encoder" not in copied:
+    params, batch_stats = _extraction_encoder(config, saved, params,
+                                              batch_stats)
   return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _extraction_encoder(config: ml_collections.ConfigDict,
+                        saved: ml_collections.ConfigDict, params: Any,
+                        batch_stats: Any) -> tuple[Any, Any]:
+  """The encoder for a decoder taken over from a "cached" run.
+
+  That decoder learnt on the features of one frozen encoder, recorded by
+  fingerprint in the run's feature cache. With
+  `config.model.pretrained_path` the loaded weights must be that encoder;
+  without it, that encoder is rebuilt from the cache's record.
+
+  Raises:
+    checkpoint.CheckpointError: the pretrained weights are another encoder.
+    features.FeatureCacheError: the recorded encoder cannot be rebuilt.
+  """
+  index = features_lib.cache_index(saved, config.init_from)
+  pretrained_path = config.model.get("pretrained_path", "")
+  if index is None:
+    logging.warning(
+        "The feature cache of %s is gone, so its encoder is unknown: the "
+        "encoder starts from %s.", config.init_from,
+        pretrained_path or "a random init")
+    return params, batch_stats
+  if pretrained_path:
+    mine = pretrained.fingerprint({"params": params["encoder"],
+                                   "batch_stats": batch_stats})
+    if mine != index["encoder_fingerprint"]:
+      raise checkpoint_lib.CheckpointError(
+          f"The encoder weights in {pretrained_path} (fingerprint {mine}) are "
+          f"not the ones the decoder of {config.init_from} learnt from "
+          f"({index['encoder_source']}, fingerprint "
+          f"{index['encoder_fingerprint']}): pass those weights, or drop "
+          "--config.model.pretrained_path to rebuild them.")
+    return params, batch_stats
+  variables = features_lib.extraction_encoder(saved, config.init_from, index)
+  logging.info("The encoder starts from %s, which extracted the features "
+               "the decoder of %s learnt from.", index["encoder_source"],
+               config.init_from)
+  return dict(params, encoder=variables["params"]), variables["batch_stats"]
 
 
 def _format(metrics: dict[str, Any]) -> str:
