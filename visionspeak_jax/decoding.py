@@ -93,13 +93,13 @@ def _beams_to_flat(x: jax.Array) -> jax.Array:
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k` over the last axis of [N, V], in two cheap passes.
 
-  The V entries are cut into blocks of about sqrt(V). The best k entries
+  The V entries are cut into blocks of about sqrt(V / k). The best k entries
   lie in the k blocks with the largest maxima (a block without one of them
   has a maximum below the k-th best), so only those k blocks are searched.
   Taking the blocks in index order keeps top_k's rule that ties go to the
   lower index, so values and indices equal `jax.lax.top_k`'s. On a CPU this
-  is about 4x faster at V = 10000, where one full pass dominates a beam
-  search step.
+  is about 3-4x faster at V = 10000, where `lax.top_k`'s one full pass
+  dominates a beam search step.
 
   Args:
     x: [N, V] scores.
@@ -109,7 +109,12 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     (values [N, k], indices [N, k]), best first.
   """
   n, v = x.shape
-  block = max(math.isqrt(v), 1)
+  # nb blocks, then k blocks of `block` entries: least work near sqrt(V/k);
+  # a block size that divides V spares a padded copy of the scores.
+  target = max(math.isqrt(v // max(k, 1)), 1)
+  divisors = [d for d in range(max(target // 2, 1), 2 * target + 1)
+              if v % d == 0]
+  block = min(divisors, key=lambda d: abs(d - target), default=target)
   num_blocks = -(-v // block)
   if k * block * 2 > v:  # Too few blocks to skip: one pass is as cheap.
     return jax.lax.top_k(x, k)
