@@ -220,7 +220,7 @@ def make_train_step(optimizer: optax.GradientTransformation,
 def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   """`model.beam_caption` on features, returning the final BeamState.
 
-  Takes `decoder.decoding_weights` (built once per checkpoint, outside the
+  Takes `model.decoding_weights` (built once per checkpoint, outside the
   timed calls, as the caption CLI and evaluation do) and runs
   `model.make_step_fn` (positions, initial state, features projected once
   per image) and `decoding.beam_search_loop`, so the number of steps
@@ -360,11 +360,9 @@ def main(argv):
   step_flops = sum(per_step.values()) - once - word_rows
   images = _BEAM_BATCH.value
   for dtype_name in _DECODE_DTYPES.value:
-    prepare = jax.jit(decoder.decoding_weights, static_argnums=1)
-    dtype = model.decode_dtype(dtype_name)
-    jax.block_until_ready(prepare(params, dtype))  # Compile.
-    prepare_s, _ = _seconds(functools.partial(prepare, params, dtype), 3)
-    weights = prepare(params, dtype)
+    prepare = functools.partial(model.decoding_weights, params, dtype_name)
+    weights = jax.block_until_ready(prepare())  # Compiles.
+    prepare_s, _ = _seconds(prepare, 3)
     row(f"decoding weights, {dtype_name} (ms)", f"{prepare_s * 1e3:.0f}",
         "once per checkpoint, not per batch: fused, cast, word table")
     for beam_size in [int(k) for k in _BEAM_SIZES.value]:

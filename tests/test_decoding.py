@@ -66,20 +66,16 @@ def _random_step(seed, batch_size, max_length, scale=1.0):
   return step_fn, state
 
 
-def _beam(step_fn, state, batch_size, beam_size, max_length, **kw):
-  fn = functools.partial(decoding.beam_search, step_fn,
-                         batch_size=batch_size, beam_size=beam_size,
-                         max_length=max_length, bos_id=BOS, eos_id=EOS,
-                         pad_id=PAD, **kw)
+def _search(search, step_fn, state, batch_size, beam_size, max_length, **kw):
+  """`search` (beam_search or beam_search_loop), jitted, with the test ids."""
+  fn = functools.partial(search, step_fn, batch_size=batch_size,
+                         beam_size=beam_size, max_length=max_length,
+                         bos_id=BOS, eos_id=EOS, pad_id=PAD, **kw)
   return jax.jit(fn)(state)
 
 
-def _loop(step_fn, state, batch_size, beam_size, max_length, **kw):
-  fn = functools.partial(decoding.beam_search_loop, step_fn,
-                         batch_size=batch_size, beam_size=beam_size,
-                         max_length=max_length, bos_id=BOS, eos_id=EOS,
-                         pad_id=PAD, **kw)
-  return jax.jit(fn)(state)
+_beam = functools.partial(_search, decoding.beam_search)
+_loop = functools.partial(_search, decoding.beam_search_loop)
 
 
 def _greedy(step_fn, state, batch_size, max_length):

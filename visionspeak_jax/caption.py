@@ -31,7 +31,6 @@ from PIL import Image
 from PIL import UnidentifiedImageError
 
 from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import decoder
 from visionspeak_jax import figures
 from visionspeak_jax import model
 from visionspeak_jax import vocabulary as vocab_lib
@@ -248,9 +247,8 @@ class Captioner:
   def decoding_weights(self, decode_dtype: str) -> Any:
     """The decoder's `decoding_weights`, built once per dtype."""
     if decode_dtype not in self._weights:
-      self._weights[decode_dtype] = jax.jit(
-          decoder.decoding_weights, static_argnums=1)(
-              self.params["decoder"], model.decode_dtype(decode_dtype))
+      self._weights[decode_dtype] = model.decoding_weights(
+          self.params["decoder"], decode_dtype)
     return self._weights[decode_dtype]
 
   def compiled(self, beam_size: int, max_length: int,

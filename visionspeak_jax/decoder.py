@@ -170,7 +170,7 @@ def _output(params: Params, emb: jax.Array, h: jax.Array,
             context: jax.Array) -> jax.Array:
   """Logits [..., V] from the word [..., E], new h [..., H], context [..., C].
 
-  `params` is the decoder's or `fused_weights`' (same output entries).
+  `params` is the decoder's or `decoding_weights`' (same output entries).
   """
   if "deep" in params:
     deep = params["deep"]
@@ -245,14 +245,13 @@ def decoding_weights(params: Params, matmul_dtype: Any = None) -> Params:
       "attention": {"w_f": params["attention"]["w_f"].astype(dtype),
                     "b_f": params["attention"]["b_f"]},
   }
-  for name in ("positions", "deep", "out"):
+  if "positions" in params:
+    weights["positions"] = params["positions"]
+  for name in ("deep", "out"):  # The output layer, its "w"s cast.
     if name in params:
-      weights[name] = params[name]
-  for name in ("deep", "out"):  # The output layer's "w"s.
-    if name in weights:
       weights[name] = jax.tree_util.tree_map_with_path(
           lambda path, x: x.astype(dtype)
-          if path[-1] == jax.tree_util.DictKey("w") else x, weights[name])
+          if path[-1] == jax.tree_util.DictKey("w") else x, params[name])
   return weights
 
 

@@ -19,10 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from visionspeak_jax import checkpoint
 from visionspeak_jax import features
-from visionspeak_jax import input_pipeline
-from visionspeak_jax import pretrained
 from visionspeak_jax import runtime
 
 FLAGS = flags.FLAGS
@@ -39,9 +36,7 @@ def main(argv):
   runtime.start(FLAGS.config)
   try:
     directory = features.extract(FLAGS.config, FLAGS.workdir)
-  except (input_pipeline.DataError, checkpoint.CheckpointError,
-          features.FeatureCacheError, pretrained.PretrainedError,
-          ValueError) as e:
+  except runtime.USER_ERRORS as e:
     sys.exit(f"error: {e}")
   logging.info("Features written to %s.", directory)
 

@@ -207,10 +207,11 @@ def extraction_encoder(config: ml_collections.ConfigDict, workdir: str,
         f"The encoder that extracted the features in {directory} ({source}) "
         f"cannot be rebuilt ({str(e).rstrip('.')}): pass its weights with "
         "--config.model.pretrained_path.") from e
-  if pretrained.fingerprint(variables) != index["encoder_fingerprint"]:
+  fingerprint = pretrained.fingerprint(variables)
+  if fingerprint != index["encoder_fingerprint"]:
     raise FeatureCacheError(
         f"The encoder {source} has changed since it extracted the features "
-        f"in {directory} (fingerprint {pretrained.fingerprint(variables)}, "
+        f"in {directory} (fingerprint {fingerprint}, "
         f"not {index['encoder_fingerprint']}): pass the original weights "
         "with --config.model.pretrained_path.")
   return variables

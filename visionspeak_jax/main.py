@@ -11,8 +11,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from visionspeak_jax import checkpoint
-from visionspeak_jax import input_pipeline
 from visionspeak_jax import runtime
 from visionspeak_jax import train
 
@@ -29,8 +27,7 @@ def main(argv):
   runtime.start(FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (input_pipeline.DataError, checkpoint.CheckpointError,
-          FloatingPointError, ValueError) as e:
+  except runtime.USER_ERRORS as e:
     sys.exit(f"error: {e}")
 
 

@@ -137,6 +137,22 @@ def decode_dtype(name: str) -> Any:
   return DECODE_DTYPES[name]
 
 
+_decoding_weights = jax.jit(decoder.decoding_weights, static_argnums=1)
+
+
+def decoding_weights(decoder_params: dict[str, Any],
+                     dtype_name: str) -> dict[str, Any]:
+  """`decoder.decoding_weights` for a `decode_dtype` name, jitted.
+
+  Build once per checkpoint (an evaluation pass, the caption CLI) and pass
+  to `make_step_fn`, `greedy_caption` or `beam_caption` for every batch.
+
+  Raises:
+    ValueError: for an unknown `dtype_name`.
+  """
+  return _decoding_weights(decoder_params, decode_dtype(dtype_name))
+
+
 def make_step_fn(weights: dict[str, Any], features: jax.Array
                  ) -> tuple[decoding.StepFn, Any]:
   """A `decoding` step function and its initial state for some images.
@@ -147,7 +163,7 @@ def make_step_fn(weights: dict[str, Any], features: jax.Array
   the image's features.
 
   Args:
-    weights: `decoder.decoding_weights(...)`, built once per checkpoint.
+    weights: `decoding_weights(...)`, built once per checkpoint.
     features: [B, R, C] region features.
 
   Returns:

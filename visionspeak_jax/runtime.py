@@ -7,7 +7,14 @@ from absl import logging
 import jax
 import ml_collections
 
+from visionspeak_jax import checkpoint
 from visionspeak_jax import distributed
+from visionspeak_jax import input_pipeline
+
+# What a user can cause (bad config, data, checkpoint or weights file; a
+# diverging loss): an entry point prints these as one line and exits.
+USER_ERRORS = (input_pipeline.DataError, checkpoint.CheckpointError,
+               FloatingPointError, ValueError)
 
 # Libraries whose INFO lines would bury a run's own log.
 _QUIET_INFO = ("/orbax/", "/tensorflow_datasets/")

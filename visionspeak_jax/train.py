@@ -215,8 +215,8 @@ def eval_step(state: TrainState, weights: Any, images: jax.Array, *,
               config: ml_collections.ConfigDict):
   """Beam-search captions (and attention maps) for this device's images.
 
-  `weights` are `decoding_weights(state, config)`, built once per
-  evaluation pass. `images` are uint8 [b, S, S, 3], or in "cached" mode
+  `weights` are `model.decoding_weights` of the state's decoder, built once
+  per evaluation pass. `images` are uint8 [b, S, S, 3], or in "cached" mode
   features [b, R, C].
   """
   if encoder_mode(config) == "cached":
@@ -253,15 +253,6 @@ def compile_steps(config: ml_collections.ConfigDict,
   return p_train_step, p_eval_step
 
 
-_decoding_weights = jax.jit(decoder.decoding_weights, static_argnums=1)
-
-
-def decoding_weights(state: TrainState, config: ml_collections.ConfigDict):
-  """The decoder's `decoding_weights` in the config's `decode_dtype`."""
-  return _decoding_weights(state.params["decoder"],
-                           model.decode_dtype(config.decode_dtype))
-
-
 def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
              cache: features_lib.FeatureCache | None = None
              ) -> dict[str, float]:
@@ -283,7 +274,9 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
   else:
     examples = input_pipeline.eval_examples(builder, split, config.image_size,
                                             config.num_eval_examples)
-  weights = decoding_weights(state, config)  # Once for the whole split.
+  # Once for the whole split.
+  weights = model.decoding_weights(state.params["decoder"],
+                                   config.decode_dtype)
   for images, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
     decoded = p_eval_step(state, weights,
@@ -438,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ValueError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices.")
   cached = encoder_mode(config) == "cached"
+  # A bad name stops the run here, not at its first evaluation.
+  model.decode_dtype(config.decode_dtype)
   if cached:
     # Features, captions and objects all come from the cache: no TFDS.
     cache = features_lib.open_cache(config, workdir)
