@@ -32,6 +32,7 @@ import optax
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from visionspeak_jax import decoder  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import decoding  # pylint: disable=g-import-not-at-top
+from visionspeak_jax import fast_decoder  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import model  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import vocabulary  # pylint: disable=g-import-not-at-top
 
@@ -200,9 +201,8 @@ def make_train_step(optimizer: optax.GradientTransformation,
   def loss_fn(params, features, tokens, rng):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T + 1] -> [B, T]
     mask = (targets != vocabulary.PAD_ID).astype(jnp.float32)
-    logits, alphas = decoder.teacher_forced(params, features, inputs,
-                                            dropout_rate=dropout_rate,
-                                            rng=rng)
+    logits, alphas = fast_decoder.teacher_forced(
+        params, features, inputs, dropout_rate=dropout_rate, rng=rng)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return (terms["xent_sum"] / jnp.maximum(terms["tokens"], 1.0)
             + alpha_c * terms["attention_sum"]

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 # Run from a checkout: the package sits one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from visionspeak_jax import caption  # pylint: disable=g-import-not-at-top
+from visionspeak_jax import images as images_lib  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import metrics  # pylint: disable=g-import-not-at-top
 from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
 
@@ -86,7 +87,7 @@ def main():
 
   # images/s at batch 64, in the library, after a warm-up (encoder included).
   captioner = caption.load_captioner(workdir)
-  images = np.stack([caption.load_image(p, captioner.image_size)
+  images = np.stack([images_lib.load_image(p, captioner.image_size)
                      for p in paths])
   for dtype in DTYPES:
     for beam in (1, 5):

@@ -50,20 +50,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.pretrained_path = ""
   config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
 
-  # Encoder training and feature caches (see visionspeak_jax/features.py).
-  # "end_to_end": ResNet + decoder from images; "cached": the decoder alone
-  # on features written by visionspeak_jax.extract_features; "fine_tune":
-  # both from images, the encoder on encoder_learning_rate.
-  config.encoder_mode = "end_to_end"
-  # Peak encoder learning rate in fine_tune; 0 freezes the encoder.
-  config.encoder_learning_rate = 1e-5
+  # Where the inputs come from (see visionspeak_jax/data.py): "tfds" reads
+  # images of `dataset` and runs the ResNet on them; "feature_cache" reads
+  # features that visionspeak_jax.extract_features wrote once (the model
+  # then has no ResNet).
+  config.data_source = "tfds"
   config.feature_cache_dir = ""  # Feature cache; "" = WORKDIR/features.
   # extract_features without pretrained_path or a checkpoint in --workdir:
   # allow a randomly initialised encoder (tests, smoke runs).
   config.extract_random_encoder = False
   # A run's workdir whose latest checkpoint initialises the encoder and/or
-  # decoder present in both (e.g. a "cached" run's decoder); its vocabulary
-  # is used. "" = none. Ignored when resuming.
+  # decoder present in both (e.g. a feature-cache run's decoder); its
+  # vocabulary is used. "" = none. Ignored when resuming.
   config.init_from = ""
 
   # Optimisation.
@@ -74,14 +72,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_steps = 500  # Linear warm-up, then cosine decay to 0.
   config.weight_decay = 0.0  # AdamW decoupled weight decay.
   config.grad_clip_norm = 5.0  # Global gradient norm clip; 0 disables.
+  # Learning-rate multiplier per parameter subtree (see
+  # visionspeak_jax/optimizer.py); 0 freezes it: no gradient, no optimizer
+  # state, and a frozen encoder runs in inference mode.
+  config.lr_mults = ml_collections.ConfigDict()
+  config.lr_mults.encoder = 1.0  # The ResNet.
+  config.lr_mults.decoder = 1.0  # The attention LSTM decoder.
 
   # Evaluation and decoding.
   config.max_decode_length = 22  # Generated tokens per caption (with EOS).
   config.beam_size = 3  # Beam width in evaluation; 1 decodes greedily.
   config.length_penalty = 0.0  # GNMT length penalty exponent; 0 = raw sums.
   # Matmul inputs of greedy/beam decoding (evaluation, caption CLI):
-  # "float32", or "bfloat16" (products still summed in float32), about 1.5x
-  # faster beam search on CPUs with AVX512-BF16 and on GPUs/TPUs.
+  # "float32", or "bfloat16" (products still summed in float32; faster on
+  # CPUs with AVX512-BF16 and on GPUs/TPUs, see benchmarks/README.md).
   config.decode_dtype = "float32"
   config.best_metric = "cider"  # WORKDIR/best keeps the top eval checkpoint.
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.

@@ -1,7 +1,7 @@
 """The built-in default run: train from scratch on the generated shapes set.
 
 Nothing is downloaded; the shapes data is drawn on this machine the first
-time (about a minute). Runs on two CPU cores in under ten minutes:
+time. Runs on two CPU cores (times in README.md's results table):
 
   python -m visionspeak_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
 """

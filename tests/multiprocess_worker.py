@@ -11,31 +11,19 @@ NUM_PROCESSES=1 runs alone (no coordinator) on all local devices.
 import os
 import sys
 
+from batches import fake_batch
 import jax
 import numpy as np
 
 from configs import tiny
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import distributed
+from visionspeak_jax import state as state_lib
 from visionspeak_jax import train
 from visionspeak_jax import vocabulary as vocab_lib
 
 GLOBAL_BATCH = 8
 VOCAB_SIZE = 20
-
-
-def global_batch(config, step):
-  """The same global batch in every process, whatever the process count."""
-  rng = np.random.RandomState(step)
-  size, length = config.image_size, config.max_caption_length + 2
-  tokens = rng.randint(4, VOCAB_SIZE, (GLOBAL_BATCH, length)).astype(np.int32)
-  tokens[:, 0] = vocab_lib.BOS_ID
-  for i in range(GLOBAL_BATCH):
-    end = rng.randint(2, length)
-    tokens[i, end] = vocab_lib.EOS_ID
-    tokens[i, end + 1:] = vocab_lib.PAD_ID
-  images = rng.randint(0, 256, (GLOBAL_BATCH, size, size, 3)).astype(np.uint8)
-  return {"image": images, "tokens": tokens}
 
 
 def main():
@@ -51,11 +39,12 @@ def main():
   distributed.initialize(config)
   assert jax.process_count() == num_processes, jax.process_count()
 
-  state = train.create_train_state(jax.random.key(0), config, VOCAB_SIZE)
+  state = state_lib.create_train_state(jax.random.key(0), config, VOCAB_SIZE)
   p_train_step, _ = train.compile_steps(config)
   local = GLOBAL_BATCH // num_processes
   for step in range(3):
-    batch = global_batch(config, step)
+    # The same global batch in every process, whatever the process count.
+    batch = fake_batch(config, VOCAB_SIZE, GLOBAL_BATCH, seed=step)
     mine = jax.tree.map(
         lambda x: x[process_id * local:(process_id + 1) * local].reshape(
             (jax.local_device_count(), -1) + x.shape[1:]), batch)
@@ -66,7 +55,7 @@ def main():
   vocab = vocab_lib.Vocabulary.build(["a red circle"])
   ckpt.save(3, state, vocab, config)
   ckpt.wait()
-  target = train.create_train_state(jax.random.key(5), config, VOCAB_SIZE)
+  target = state_lib.create_train_state(jax.random.key(5), config, VOCAB_SIZE)
   restored = ckpt.restore_state(target)
   ckpt.close()
   flat = {jax.tree_util.keystr(path): np.asarray(jax.device_get(leaf))

@@ -18,12 +18,11 @@ import pytest
 
 from configs import tiny
 from visionspeak_jax import caption
-from visionspeak_jax import decoding
 from visionspeak_jax import figures
+from visionspeak_jax import images as images_lib
 from visionspeak_jax import vocabulary as vocab_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_HAS_BEAM_SEARCH = hasattr(decoding, "beam_search")
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +162,8 @@ def test_cli_captions_good_files_and_reports_bad_ones(run_dir, inputs,
 ])
 def test_bad_image_is_one_sentence_naming_the_file(inputs, name, reason):
   path = inputs[name][0]
-  with pytest.raises(caption.ImageError) as info:
-    caption.load_image(path, 32)
+  with pytest.raises(images_lib.ImageError) as info:
+    images_lib.load_image(path, 32)
   message = str(info.value)
   assert path in message and reason in message
   assert "\n" not in message and message.endswith(".")
@@ -173,7 +172,7 @@ def test_bad_image_is_one_sentence_naming_the_file(inputs, name, reason):
 
 def test_load_image_modes(inputs):
   def load(name):
-    image = caption.load_image(inputs[name][0], 32)
+    image = images_lib.load_image(inputs[name][0], 32)
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     return image
 
@@ -187,13 +186,13 @@ def test_load_image_modes(inputs):
   clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
   path = os.path.join(os.path.dirname(inputs["rgb.png"][0]), "clear.png")
   clear.save(path)
-  assert (caption.load_image(path, 32) == 255).all()
+  assert (images_lib.load_image(path, 32) == 255).all()
   # EXIF orientation is applied: the stored image is the view rotated.
   upright = np.rot90(_rgb(48, 64), k=-1)  # 90 degrees clockwise.
   path = os.path.join(os.path.dirname(inputs["rgb.png"][0]), "upright.png")
   Image.fromarray(np.ascontiguousarray(upright)).save(path)
   np.testing.assert_array_equal(load("rotated.png"),
-                                caption.load_image(path, 32))
+                                images_lib.load_image(path, 32))
 
 
 def test_load_image_matches_training_preprocessing(inputs):
@@ -204,7 +203,7 @@ def test_load_image_matches_training_preprocessing(inputs):
     # The TFDS image feature decodes with tf.io.decode_image.
     decoded = tf.io.decode_image(tf.io.read_file(path), channels=3)
     expected = input_pipeline.resize_image(decoded, 32).numpy()
-    got = caption.load_image(path, 32)
+    got = images_lib.load_image(path, 32)
     if name.endswith(".png"):
       np.testing.assert_array_equal(got, expected)
     else:  # Two JPEG decoders may round differently.
@@ -215,7 +214,7 @@ def test_huge_png_is_fast(tmp_path):
   path = str(tmp_path / "huge.png")
   Image.new("RGB", (10000, 10000), (10, 200, 30)).save(path, compress_level=1)
   start = time.time()
-  image = caption.load_image(path, 32)
+  image = images_lib.load_image(path, 32)
   assert time.time() - start < 30
   assert (image == (10, 200, 30)).all()
 
@@ -251,8 +250,6 @@ def test_caption_arrays_pads_and_compiles_once(captioner):
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_beam_sizes(captioner, beam_size):
-  if beam_size > 1 and not _HAS_BEAM_SEARCH:
-    pytest.skip("decoding.beam_search is not there yet.")
   images = np.stack([_rgb(32, 32, seed) for seed in range(2)])
   results = caption.caption_arrays(captioner, images, beam_size=beam_size,
                                    batch_size=2, max_length=5)

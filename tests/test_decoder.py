@@ -1,4 +1,5 @@
-"""Tests of the SAT decoder: unroll, gates, deep output, loss."""
+"""Tests of the SAT decoder and its fast paths: unroll, gates, deep output,
+loss, decoding step."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from visionspeak_jax import decoder
+from visionspeak_jax import fast_decoder
 
 
 def _params(gate="vector", deep_output=True, vocab=11, num_regions=0):
@@ -21,7 +23,7 @@ def test_teacher_forced_scan_equals_python_loop(gate, deep, regions):
   b, r, t = 3, 4, 5
   features = jax.random.normal(jax.random.key(1), (b, r, 6))
   tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
-  logits, alphas = jax.jit(decoder.teacher_forced)(params, features, tokens)
+  logits, alphas = jax.jit(fast_decoder.teacher_forced)(params, features, tokens)
   assert logits.shape == (b, t, 11) and alphas.shape == (b, t, r)
 
   features = decoder.add_positions(params, features)
@@ -59,10 +61,10 @@ def test_dropout_only_with_rng():
   params = _params()
   features = jax.random.normal(jax.random.key(4), (2, 4, 6))
   tokens = jnp.ones((2, 3), jnp.int32)
-  plain, _ = decoder.teacher_forced(params, features, tokens, dropout_rate=0.5)
-  again, _ = decoder.teacher_forced(params, features, tokens)
+  plain, _ = fast_decoder.teacher_forced(params, features, tokens, dropout_rate=0.5)
+  again, _ = fast_decoder.teacher_forced(params, features, tokens)
   np.testing.assert_array_equal(plain, again)
-  dropped, _ = decoder.teacher_forced(params, features, tokens,
+  dropped, _ = fast_decoder.teacher_forced(params, features, tokens,
                                       dropout_rate=0.5,
                                       rng=jax.random.key(5))
   assert not np.allclose(plain, dropped)
@@ -143,7 +145,7 @@ def test_teacher_forced_gradients_match_step_by_step_autodiff(
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return terms["xent_sum"] + 0.7 * terms["attention_sum"]
 
-  fast = jax.jit(jax.grad(lambda p, f: loss(decoder.teacher_forced, p, f),
+  fast = jax.jit(jax.grad(lambda p, f: loss(fast_decoder.teacher_forced, p, f),
                           argnums=(0, 1)))(params, features)
   slow = jax.grad(lambda p, f: loss(_loop_forward, p, f),
                   argnums=(0, 1))(params, features)
@@ -168,22 +170,22 @@ def test_decode_step_equals_step(gate, deep, regions):
                       jnp.repeat(decoder.project_features(params, features),
                                  k, axis=0), carry, tokens)
 
-  weights = decoder.decoding_weights(params)
-  assert weights["word_gates"].shape == (11, 4 * 7)
-  got = jax.jit(decoder.decode_step)(
-      weights, features, decoder.project_features(weights, features), carry,
-      tokens)
+  weights = fast_decoder.decoding_weights(params)
+  assert weights.word_gates.shape == (11, 4 * 7)
+  got = jax.jit(fast_decoder.decode_step)(
+      weights, features, decoder.project_features(weights.setup, features),
+      carry, tokens)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5), got, want)
 
   # bfloat16 matmul inputs: the weights are cast, the results stay float32
   # and close to the float32 ones.
-  weights = decoder.decoding_weights(params, jnp.bfloat16)
-  assert weights["w_h"].dtype == jnp.bfloat16
-  assert weights["word_gates"].dtype == jnp.float32
-  got = jax.jit(decoder.decode_step)(
-      weights, features, decoder.project_features(weights, features), carry,
-      tokens)
+  weights = fast_decoder.decoding_weights(params, jnp.bfloat16)
+  assert weights.w_h.dtype == jnp.bfloat16
+  assert weights.word_gates.dtype == jnp.float32
+  got = jax.jit(fast_decoder.decode_step)(
+      weights, features, decoder.project_features(weights.setup, features),
+      carry, tokens)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)

@@ -63,11 +63,12 @@ def _mock_coco(self, split, decoders=None, read_config=None, **kwargs):
 def test_coco_captions_on_mock_data():
   config = _coco_config()
   with tfds.testing.mock_data(as_dataset_fn=_mock_coco):
-    builder = input_pipeline.get_builder(config)
-    vocab = input_pipeline.build_vocabulary(builder, config.train_split, 1)
+    source = input_pipeline.TfdsSource(config)
+    assert source.input_key == "image" and source.run_info == {}
+    vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split))
     assert len(vocab) > 4
-    ds = input_pipeline.create_train_dataset(builder, config, vocab, seed=0,
-                                             process_index=1, process_count=2)
+    ds = source.train_dataset(vocab, seed=0, process_index=1,
+                              process_count=2)
     batch = next(ds.as_numpy_iterator())
     assert batch["image"].shape == (2, 32, 32, 3)
     assert batch["image"].dtype == np.uint8
@@ -79,10 +80,9 @@ def test_coco_captions_on_mock_data():
       (eos,) = np.flatnonzero(row == vocab_lib.EOS_ID)
       assert (row[eos + 1:] == vocab_lib.PAD_ID).all()
       assert (row[1:eos] >= 4).all() or (row[1:eos] == vocab_lib.UNK_ID).any()
-    examples = list(input_pipeline.eval_examples(builder, config.eval_split,
-                                                 32, num_examples=5))
+    examples = list(source.eval_examples(config.eval_split, num_examples=5))
     assert len(examples) == 5
-    assert all(ex.references and ex.image.shape == (32, 32, 3)
+    assert all(ex.references and ex.inputs.shape == (32, 32, 3)
                for ex in examples)
     assert all(ex.objects == [] for ex in examples)
     assert examples[0].references[0].endswith(".")
@@ -93,35 +93,34 @@ def test_coco_captions_on_mock_data():
 def test_coco_not_prepared_is_one_clear_sentence(tmp_path):
   config = _coco_config()
   config.data_dir = str(tmp_path)
-  builder = input_pipeline.get_builder(config)
+  source = input_pipeline.TfdsSource(config)
   with pytest.raises(input_pipeline.DataError,
                      match=r"not prepared .* run `tfds build coco_captions"):
-    input_pipeline.build_vocabulary(builder, config.train_split, 1)
+    source.captions(config.train_split)
 
 
 def test_unknown_dataset_and_split(tiny_data_dir):
   config = tiny.get_config()
   config.dataset = "no_such_dataset_here"
   with pytest.raises(input_pipeline.DataError, match="Unknown dataset"):
-    input_pipeline.get_builder(config)
+    input_pipeline.TfdsSource(config)
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
-  builder = input_pipeline.get_builder(config)
+  source = input_pipeline.TfdsSource(config)
   with pytest.raises(input_pipeline.DataError, match="Split 'trian'"):
-    input_pipeline.build_vocabulary(builder, "trian", 1)
+    source.captions("trian")
 
 
 def test_shapes_pipeline_is_deterministic_and_sharded(tiny_data_dir):
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
-  builder = input_pipeline.get_builder(config)
-  vocab = input_pipeline.build_vocabulary(builder, config.train_split, 1)
+  source = input_pipeline.TfdsSource(config)
+  vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split))
   assert {"red", "circle", "left"} <= set(vocab.words)
 
   def first_batches(seed, index, count):
-    ds = input_pipeline.create_train_dataset(
-        builder, config, vocab, seed=seed, process_index=index,
-        process_count=count)
+    ds = source.train_dataset(vocab, seed=seed, process_index=index,
+                              process_count=count)
     return [b for _, b in zip(range(3), ds.as_numpy_iterator())]
 
   a, b = first_batches(0, 0, 1), first_batches(0, 0, 1)
@@ -133,8 +132,7 @@ def test_shapes_pipeline_is_deterministic_and_sharded(tiny_data_dir):
   half = first_batches(0, 1, 2)[0]
   assert half["image"].shape[0] == config.batch_size // 2
 
-  examples = list(input_pipeline.eval_examples(builder, "test",
-                                               config.image_size, 10))
+  examples = list(source.eval_examples("test", 10))
   assert len(examples) == 10
   assert len({ex.image_id for ex in examples}) == 10
   for ex in examples:
@@ -144,7 +142,7 @@ def test_shapes_pipeline_is_deterministic_and_sharded(tiny_data_dir):
       assert obj["color"] in ex.references[0]
   batches = list(input_pipeline.batch_eval_examples(iter(examples), 4))
   assert [len(names) for _, names in batches] == [4, 4, 2]
-  assert all(images.shape[0] == 4 for images, _ in batches)
+  assert all(inputs.shape[0] == 4 for inputs, _ in batches)
 
 
 def test_shard():
@@ -157,8 +155,7 @@ def test_shard():
 def test_batch_size_must_divide_over_processes(tiny_data_dir):
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
-  builder = input_pipeline.get_builder(config)
   vocab = vocab_lib.Vocabulary.build(["a red circle"])
   with pytest.raises(ValueError, match="divisible"):
-    input_pipeline.create_train_dataset(builder, config, vocab, seed=0,
-                                        process_index=0, process_count=3)
+    input_pipeline.TfdsSource(config).train_dataset(
+        vocab, seed=0, process_index=0, process_count=3)

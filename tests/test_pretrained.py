@@ -10,6 +10,7 @@ from configs import tiny
 from visionspeak_jax import model
 from visionspeak_jax import pretrained
 from visionspeak_jax import resnet
+from visionspeak_jax import restore
 
 # torchvision's stage sizes and block kinds, written out independently of
 # resnet.SIZES so a renaming on either side shows up here.
@@ -130,7 +131,7 @@ def test_imported_stem_matches_numpy(tmp_path):
   assert out["spatial"].shape == (2, 1, 1, 512)
 
 
-def test_model_init_uses_pretrained_path(tmp_path):
+def test_initial_weights_load_pretrained_path(tmp_path):
   state = random_state_dict(18, seed=3)
   path = str(tmp_path / "r18.safetensors")
   save_file(state, path)
@@ -139,16 +140,28 @@ def test_model_init_uses_pretrained_path(tmp_path):
   config.model.resnet_width = 64
   config.model.resnet_stem = "imagenet"
   config.model.pretrained_path = path
-  params, batch_stats = model.init(jax.random.key(0), config, vocab_size=10)
+  fresh = model.init(jax.random.key(0), config, vocab_size=10)
+  params, batch_stats = restore.initial_weights(config, *fresh)
   np.testing.assert_array_equal(
       params["encoder"]["conv_init"]["kernel"],
       state["conv1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(batch_stats["bn_init"]["mean"],
                                 state["bn1.running_mean"])
-  # Shapes only (checkpoint restore): the file is not needed.
-  config.model.pretrained_path = str(tmp_path / "gone.safetensors")
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), config, 10))
-  assert abstract[0]["encoder"]["conv_init"]["kernel"].shape == (7, 7, 3, 64)
+  jax.tree.map(np.testing.assert_array_equal, params["decoder"],
+               fresh[0]["decoder"])
+
+
+@pytest.mark.parametrize("depth", ["tiny", 18, 50])
+def test_from_flax_inverts_to_flax(depth, tmp_path):
+  variables = jax.device_get(resnet.create(depth).init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),
+      train=False))
+  path = str(tmp_path / "encoder.safetensors")
+  pretrained.save_encoder(path, variables)
+  loaded = pretrained.load_encoder(path, depth)
+  jax.tree.map(np.testing.assert_array_equal, loaded,
+               flax.core.unfreeze(variables))
+  assert pretrained.fingerprint(loaded) == pretrained.fingerprint(variables)
 
 
 def test_missing_unexpected_and_wrong_shape_in_one_error():

@@ -4,12 +4,14 @@ import functools
 import json
 import os
 
+from batches import fake_batch
 import jax
 import numpy as np
 import pytest
 
 from configs import tiny
 from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import state as state_lib
 from visionspeak_jax import train
 
 
@@ -24,8 +26,10 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
   config.data_dir = tiny_data_dir
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
-  for key in ("bleu4", "cider", "rouge_l", "content_f1", "grounding"):
-    assert 0.0 <= results[key] <= 10.0
+  # Six steps teach nothing; the numbers must still be well-formed scores,
+  # and the ones the run logged.
+  for key in ("bleu4", "rouge_l", "content_f1", "grounding"):
+    assert 0.0 <= results[key] <= 1.0, key
   assert results["num_images"] == config.num_eval_examples
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == 6
@@ -37,6 +41,7 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
   assert best.best_step() == 6
   first = _records(workdir)
   assert [r["step"] for r in first if r["split"] == "train"] == [2, 4, 6]
+  assert first[-1] == {"step": 6, "split": "test", **results}
 
   # Restart with a longer schedule: it must pick up at step 6, not 0.
   config.num_train_steps = 8
@@ -45,7 +50,7 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
   assert [r["step"] for r in second if r["split"] == "train"] == [8]
   reopened = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert reopened.latest_step() == 8
-  state = train.create_train_state(jax.random.key(0), config, len(vocab))
+  state = state_lib.create_train_state(jax.random.key(0), config, len(vocab))
   restored = reopened.restore_state(state)
   assert int(restored.step) == 8
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
@@ -59,29 +64,16 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ckpt.restore_metadata()
 
 
-def _batch(config, vocab_size, batch_size, seed=0):
-  rng = np.random.RandomState(seed)
-  size, length = config.image_size, config.max_caption_length + 2
-  tokens = rng.randint(4, vocab_size, (batch_size, length)).astype(np.int32)
-  tokens[:, 0] = 1
-  # Ragged captions, so the per-device token counts differ.
-  for i in range(batch_size):
-    end = rng.randint(2, length)
-    tokens[i, end] = 2
-    tokens[i, end + 1:] = 0
-  return {"image": rng.randint(0, 256, (batch_size, size, size, 3))
-                   .astype(np.uint8), "tokens": tokens}
-
-
 def test_two_devices_match_one_device_for_the_same_global_batch():
   config = tiny.get_config()
   config.warmup_steps = 0  # Take a real step at step 0.
   vocab_size = 20
-  batch = _batch(config, vocab_size, config.batch_size)
+  batch = fake_batch(config, vocab_size, config.batch_size)
   rng = jax.random.key(7)
   results = []
   for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
-    state = train.create_train_state(jax.random.key(0), config, vocab_size)
+    state = state_lib.create_train_state(jax.random.key(0), config,
+                                         vocab_size)
     p_train_step, _ = train.compile_steps(config, devices=devices)
     sharded = jax.tree.map(
         lambda x, n=len(devices): x.reshape((n, -1) + x.shape[1:]), batch)

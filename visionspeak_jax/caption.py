@@ -14,12 +14,11 @@ not the training data.
 """
 
 import dataclasses
-import io
+import functools
 import json
 import os
 import sys
 from typing import Any, Iterator, Sequence, TextIO
-import warnings
 
 from absl import app
 from absl import flags
@@ -27,198 +26,13 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
-from PIL import UnidentifiedImageError
 
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import figures
+from visionspeak_jax import images as images_lib
 from visionspeak_jax import model
+from visionspeak_jax import restore
 from visionspeak_jax import vocabulary as vocab_lib
-
-# Images much larger than the model input are shrunk while decoding (JPEG
-# DCT scaling) or right after (integer box reduction), but only down to this
-# many times the model input size: a photo of ordinary size is never touched,
-# so its caption matches training preprocessing exactly, and a huge one costs
-# seconds, not minutes.
-_PRE_REDUCE_MARGIN = 8
-
-# Modes with transparency, composited on white.
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# EXIF orientation -> the transpose that shows the image upright, as
-# ImageOps.exif_transpose does (applied by hand: the JPEG pixels may come
-# from TensorFlow's decoder).
-_EXIF_ORIENTATION = 0x0112
-_EXIF_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# Modes whose pixel values can be averaged.
-_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F")
-
-
-class ImageError(ValueError):
-  """An image file that cannot be captioned; `reason` says what to do."""
-
-  def __init__(self, path: str, reason: str):
-    super().__init__(f"Cannot caption {path}: {reason}.")
-    self.path = path
-    self.reason = reason
-
-
-# ---------------------------------------------------------------------------
-# Images.
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
-  if image.mode == "P" and "transparency" in image.info:
-    image = image.convert("RGBA")
-  if image.mode in _ALPHA_MODES:
-    image = image.convert("RGBA")
-    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, image).convert("RGB")
-  if image.mode.startswith("I") or image.mode == "F":
-    # 16/32-bit grey: PIL's convert("L") clips at 255, which turns most
-    # 16-bit images white; scale the value range to 0..255 instead.
-    values = np.nan_to_num(np.asarray(image, np.float64))
-    lo, hi = values.min(), values.max()
-    if image.mode == "F" and lo >= 0 and hi <= 1:
-      values = values * 255.0  # Floats in [0, 1].
-    elif image.mode == "F" and lo >= 0 and hi <= 255:
-      pass  # Floats holding 8-bit values.
-    elif lo >= 0 and hi <= 65535:
-      values = values / 257.0  # 16-bit: 65535 -> 255 exactly.
-    else:  # Anything else: stretch the range it uses.
-      values = (values - lo) / max(hi - lo, 1e-12) * 255.0
-    grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
-  return image.convert("RGB")
-
-
-def _tensorflow():
-  """TensorFlow, imported on first use and kept off the accelerators."""
-  # Imported here: TensorFlow only decodes and resizes in this module, and
-  # the CLI sets TensorFlow's log level before the first import.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    # TensorFlow would otherwise take the accelerators' memory from JAX.
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    pass  # TensorFlow is already initialised by the caller; leave it be.
-  return tf
-
-
-def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> [size, size, 3] with the training pipeline's resize."""
-  from visionspeak_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  tf = _tensorflow()
-  with tf.device("/CPU:0"):
-    return input_pipeline.resize_image(tf.constant(pixels), size).numpy()
-
-
-def _decode_jpeg(data: bytes) -> np.ndarray:
-  """JPEG bytes -> uint8 [H, W, 3], bit for bit as TFDS decodes them."""
-  # TensorFlow's default IDCT is the fast integer one, PIL's the accurate
-  # one: up to 5 levels apart per pixel. The model was trained on the former.
-  tf = _tensorflow()
-  with tf.device("/CPU:0"):
-    return tf.io.decode_jpeg(data, channels=3).numpy()
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-  """Reads an image file as the model sees it.
-
-  Handles every PIL mode (grey, palette, alpha composited on white, CMYK,
-  16-bit), EXIF orientation, and very large files (decoded at reduced size).
-
-  Args:
-    path: the image file.
-    size: the model input side S.
-
-  Returns:
-    uint8 [S, S, 3].
-
-  Raises:
-    ImageError: the file is missing, not an image, truncated, corrupt or too
-      large; the message names the file and says what to do.
-  """
-  if os.path.isdir(path):
-    raise ImageError(path, "it is a directory; pass image files")
-  if not os.path.exists(path):
-    raise ImageError(path, "no such file; check the path")
-  if not os.access(path, os.R_OK):
-    raise ImageError(path, "permission denied; make the file readable")
-  if os.path.getsize(path) == 0:
-    raise ImageError(path, "the file is empty; re-export or re-download it")
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-    with warnings.catch_warnings():
-      # Large is fine here: the image is reduced while decoding. PIL still
-      # refuses images past twice its limit (about 179 megapixels).
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(io.BytesIO(data)) as image:
-        request = _PRE_REDUCE_MARGIN * size
-        transpose = _EXIF_TRANSPOSE.get(_orientation(image))
-        if (image.format == "JPEG" and image.mode in ("L", "RGB") and
-            min(image.size) // request < 2):
-          # Ordinary photos: the training pipeline's own decoder. PIL checks
-          # the file first, as TensorFlow would log its complaints to stderr
-          # besides raising.
-          image.load()
-          image = Image.fromarray(_decode_jpeg(data))
-        else:
-          image.draft(None, (request, request))  # Only JPEG acts on this.
-          image.load()
-          # Reduced before the copies that orientation and conversion make.
-          image = _reduce(image, request)
-        if transpose is not None:
-          image = image.transpose(transpose)
-        image = _reduce(_to_rgb(image), request)  # Modes skipped above too.
-        pixels = np.asarray(image, np.uint8)  # [H, W, 3]
-  except Image.DecompressionBombError as e:
-    raise ImageError(path, "the image has too many pixels to decode safely; "
-                     "downscale it first") from e
-  except UnidentifiedImageError as e:
-    raise ImageError(path, "not an image file PIL can read; convert it to "
-                     "PNG or JPEG") from e
-  except MemoryError as e:
-    raise ImageError(path, "out of memory while decoding it; downscale it "
-                     "first") from e
-  except Exception as e:  # pylint: disable=broad-except
-    # Decoders report damaged files as OSError, SyntaxError, ValueError,
-    # struct.error, EOFError... depending on the format; to the user they
-    # are all the same problem.
-    raise ImageError(path, "the file is truncated or corrupt; re-export or "
-                     "re-download it") from e
-  return _resize(pixels, size)
-
-
-def _reduce(image: Image.Image, request: int) -> Image.Image:
-  """Box-averages by an integer factor while both sides stay >= request."""
-  factor = min(image.width, image.height) // request
-  # Averaging palette indices or bits would be meaningless.
-  if factor < 2 or image.mode not in _REDUCIBLE_MODES:
-    return image
-  return image.reduce(factor)
-
-
-def _orientation(image: Image.Image) -> int:
-  """The EXIF orientation tag, 1 (as stored) when absent or unreadable."""
-  try:
-    return int(image.getexif().get(_EXIF_ORIENTATION, 1))
-  except Exception:  # pylint: disable=broad-except
-    # A damaged EXIF block should not cost the caption.
-    return 1
-
-
-# ---------------------------------------------------------------------------
-# The captioner.
 
 
 @dataclasses.dataclass
@@ -253,19 +67,12 @@ class Captioner:
 
   def compiled(self, beam_size: int, max_length: int,
                length_penalty: float):
-    """The jitted encode + decode for these decoding settings."""
+    """`model.predict`, jitted for these decoding settings."""
     key = (beam_size, max_length, length_penalty)
     if key not in self._compiled:
-      encoder = model.create_encoder(self.config)
-
-      def caption_fn(params, batch_stats, weights, images):
-        features, _ = model.encode(encoder, params, batch_stats, images,
-                                   train=False)  # [B, R, C]
-        return model.beam_caption(weights, features,
-                                  beam_size=beam_size, max_length=max_length,
-                                  length_penalty=length_penalty)
-
-      self._compiled[key] = jax.jit(caption_fn)
+      self._compiled[key] = jax.jit(functools.partial(
+          model.predict, config=self.config, beam_size=beam_size,
+          max_length=max_length, length_penalty=length_penalty))
     return self._compiled[key]
 
 
@@ -279,14 +86,6 @@ class Caption:
   @property
   def text(self) -> str:
     return " ".join(self.words)
-
-
-def _no_checkpoint(directory: str) -> checkpoint_lib.CheckpointError:
-  # Mirrors Checkpointer's message; checked here first because opening a
-  # Checkpointer creates the directory, which a mistyped --workdir should not.
-  return checkpoint_lib.CheckpointError(
-      f"No checkpoint in {directory}: train first with visionspeak_jax.main, "
-      "or point --workdir at a finished run.")
 
 
 def load_captioner(workdir: str, step: int | None = None,
@@ -303,47 +102,19 @@ def load_captioner(workdir: str, step: int | None = None,
     A `Captioner`.
 
   Raises:
-    checkpoint.CheckpointError: there is no usable checkpoint.
+    checkpoint.CheckpointError: there is no usable checkpoint, or it holds
+      no image encoder.
   """
-  directory = os.path.abspath(
-      os.path.join(workdir, "best" if best else "checkpoints"))
-  if not os.path.isdir(directory):
-    raise _no_checkpoint(directory)
-  # Imported here: `train` pulls in TensorFlow (see `_resize`).
-  from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
-  ckpt = checkpoint_lib.Checkpointer(directory)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    vocab, config = ckpt.restore_metadata(step)
-    # Shapes only: no parameters are initialised just to be overwritten.
-    abstract = jax.eval_shape(lambda: train.create_train_state(
-        jax.random.key(0), config, len(vocab)))
-    device = jax.local_devices()[0]
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(
-                device)), abstract)
-    state = ckpt.restore_state(target, step)
-  except checkpoint_lib.CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # Orbax reports a damaged or mismatched checkpoint in many ways; the
-    # user's remedy is the same.
-    detail = (str(e).strip().splitlines() or [""])[0][:200]
-    raise checkpoint_lib.CheckpointError(
-        f"The checkpoint of step {step} in {directory} cannot be restored "
-        f"({type(e).__name__}: {detail}); pass --step with another saved "
-        "step or retrain with this version.") from e
-  finally:
-    ckpt.close()
-  if "encoder" not in state.params:
+  run = restore.restore_run(workdir, step=step, best=best)
+  if "encoder" not in run.params:
     raise checkpoint_lib.CheckpointError(
         f"The run in {workdir} trained on cached features and saved no image "
-        "encoder: fine-tune it (--config.encoder_mode=fine_tune "
-        f"--config.init_from={workdir}) and caption with that run.")
-  return Captioner(config=config, vocab=vocab, step=int(step),
-                   params=state.params, batch_stats=state.batch_stats,
-                   grid=model.grid(config))
+        "encoder: fine-tune it (configs/coco_finetune.py, or "
+        f"--config.init_from={workdir} with --config.data_source=tfds) and "
+        "caption with that run.")
+  return Captioner(config=run.config, vocab=run.vocab, step=run.step,
+                   params=run.params, batch_stats=run.batch_stats,
+                   grid=model.grid(run.config))
 
 
 def caption_arrays(captioner: Captioner, images: np.ndarray, *,
@@ -358,7 +129,7 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
 
   Args:
     captioner: from `load_captioner`.
-    images: uint8 [N, S, S, 3], e.g. from `load_image`.
+    images: uint8 [N, S, S, 3], e.g. from `images.load_image`.
     beam_size: hypotheses per image; 1 is greedy.
     batch_size: images per compiled call.
     max_length: generated tokens at most (EOS included); default the
@@ -390,7 +161,7 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
       pad = np.zeros((batch_size - real,) + batch.shape[1:], np.uint8)
       batch = np.concatenate([batch, pad])
     decoded = jax.device_get(fn(captioner.params, captioner.batch_stats,
-                                weights, batch))
+                                weights, {"image": batch}))
     for i in range(real):
       words, positions = captioner.vocab.decode_with_positions(
           decoded.tokens[i])
@@ -475,9 +246,9 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
     images, good = [], []
     for path in chunk:
       try:
-        images.append(load_image(path, size))
+        images.append(images_lib.load_image(path, size))
         good.append(path)
-      except ImageError as e:
+      except images_lib.ImageError as e:
         print(f"{path}: error: {e.reason}.", file=stderr, flush=True)
         failed += 1
     if not good:

@@ -1,8 +1,10 @@
 """The one module that speaks Orbax: save, resume and restore for sampling.
 
-A checkpoint at step N holds three items: `state` (the TrainState pytree),
-`vocab` (the word list, JSON) and `config` (the run config, JSON), so a
-checkpoint directory alone is enough to rebuild the model and caption images.
+A checkpoint at step N holds four items: `state` (the TrainState pytree),
+`vocab` (the word list, JSON), `config` (the run config, JSON) and `info`
+(what else the run knows about itself, JSON: e.g. which encoder extracted
+the features it trained on), so a checkpoint directory alone is enough to
+rebuild the model and caption images.
 """
 
 import os
@@ -51,6 +53,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used, with a message that says what to do."""
 
 
+def has_checkpoint(directory: str) -> bool:
+  """Whether `directory` holds at least one saved step (creates nothing)."""
+  if not os.path.isdir(directory):
+    return False
+  ckpt = Checkpointer(directory)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
 class Checkpointer:
   """Saves and restores (state, vocabulary, config) under `directory`."""
 
@@ -72,7 +85,12 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True,
           best_fn=lambda metrics: metrics[best_metric], best_mode="max")
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "vocab": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler(),
+                       "info": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when there is none."""
@@ -84,21 +102,47 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, vocab: vocab_lib.Vocabulary,
            config: ml_collections.ConfigDict,
-           metrics: dict[str, float] | None = None) -> None:
+           metrics: dict[str, float] | None = None,
+           info: dict[str, Any] | None = None) -> None:
     """Saves asynchronously; call `wait` before reading it back.
 
-    `metrics` are required when the checkpointer keeps the best checkpoints.
+    `metrics` are required when the checkpointer keeps the best checkpoints;
+    `info` is any JSON-able record about the run (see `restore_info`).
     """
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_global(state)),
+        state=ocp.args.PyTreeSave(_to_global(state)),
         vocab=ocp.args.JsonSave(vocab.to_json()),
-        config=ocp.args.JsonSave(config.to_dict())), metrics=metrics)
+        config=ocp.args.JsonSave(config.to_dict()),
+        info=ocp.args.JsonSave(info or {})), metrics=metrics)
 
   def restore_state(self, target: Any, step: int | None = None) -> Any:
     """Restores the state into the structure, shapes and dtypes of `target`."""
+    return self._restore_tree(_to_global(target), self._step(step))
+
+  def restore_weights(self, step: int | None = None) -> tuple[Any, Any]:
+    """(params, batch_stats) of a checkpoint, whatever model they belong to.
+
+    Their structure is read from the checkpoint itself, and the optimizer
+    state is not read at all.
+    """
     step = self._step(step)
+    saved = self._manager.item_metadata(step)["state"].tree
+    if jax.process_count() == 1:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+      sharding = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), P())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]})
+    restored = self._restore_tree(target, step, partial=True)
+    return restored["params"], restored["batch_stats"]
+
+  def _restore_tree(self, target: Any, step: int, partial: bool = False
+                    ) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_to_global(target))))
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                target), partial_restore=partial)))
     return _to_local(restored["state"])
 
   def restore_metadata(self, step: int | None = None
@@ -110,6 +154,15 @@ class Checkpointer:
         vocab=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     return (vocab_lib.Vocabulary.from_json(restored["vocab"]),
             ml_collections.ConfigDict(restored["config"]))
+
+  def restore_info(self, step: int | None = None) -> dict[str, Any]:
+    """The `info` record saved with a checkpoint ({} when there is none)."""
+    step = self._step(step)
+    if "info" not in self._manager.item_metadata(step):
+      return {}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        info=ocp.args.JsonRestore()))
+    return restored["info"]
 
   def _step(self, step: int | None) -> int:
     if step is None:

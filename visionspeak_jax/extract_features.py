@@ -4,7 +4,7 @@
       --workdir=$HOME/sat-coco \
       --config.model.pretrained_path=$HOME/resnet101.safetensors
   python -m visionspeak_jax.main --config=configs/coco.py \
-      --workdir=$HOME/sat-coco-cached --config.encoder_mode=cached \
+      --workdir=$HOME/sat-coco-cached --config.data_source=feature_cache \
       --config.feature_cache_dir=$HOME/sat-coco/features
 
 The encoder comes from --config.model.pretrained_path, else from the latest
@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from visionspeak_jax import features
+from visionspeak_jax import extraction
 from visionspeak_jax import runtime
 
 FLAGS = flags.FLAGS
@@ -35,7 +35,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   runtime.start(FLAGS.config)
   try:
-    directory = features.extract(FLAGS.config, FLAGS.workdir)
+    directory = extraction.extract(FLAGS.config, FLAGS.workdir)
   except runtime.USER_ERRORS as e:
     sys.exit(f"error: {e}")
   logging.info("Features written to %s.", directory)

@@ -5,6 +5,9 @@ Both datasets share one layout: `image` (uint8), `image/id`, `captions`
 colours and shapes. Training draws one reference caption per image visit,
 tokenises it with TensorFlow ops, pads it and batches; evaluation keeps every
 reference and the objects on the host for the metrics.
+
+`TfdsSource` is the TFDS data source; `sample_captions`, `EvalExample` and
+the batching helpers also serve the feature cache.
 """
 
 import dataclasses
@@ -80,15 +83,6 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, *,
                     "--config.*_split.") from e
 
 
-def build_vocabulary(builder: tfds.core.DatasetBuilder, split: str,
-                     min_count: int) -> vocab_lib.Vocabulary:
-  """Builds the vocabulary from every caption of the training split."""
-  ds = _read_split(builder, split, skip_images=True)
-  ds = ds.map(lambda ex: ex["captions"]["text"])
-  captions = (c.decode("utf-8") for texts in tfds.as_numpy(ds) for c in texts)
-  return vocab_lib.Vocabulary.build(captions, min_count=min_count)
-
-
 def make_token_table(vocab: vocab_lib.Vocabulary) -> tf.lookup.StaticHashTable:
   """A word -> id table for TensorFlow ops; unknown words map to UNK."""
   init = tf.lookup.KeyValueTensorInitializer(
@@ -129,42 +123,6 @@ def process_share(config: ml_collections.ConfigDict,
     raise ValueError(f"batch_size {config.batch_size} must be divisible by "
                      f"the number of processes {process_count}.")
   return process_index, process_count
-
-
-def create_train_dataset(builder: tfds.core.DatasetBuilder,
-                         config: ml_collections.ConfigDict,
-                         vocab: vocab_lib.Vocabulary, *, seed: int,
-                         process_index: int | None = None,
-                         process_count: int | None = None) -> tf.data.Dataset:
-  """An endless, shuffled stream of this process's training batches.
-
-  Args:
-    builder: the dataset builder.
-    config: the run config.
-    vocab: the vocabulary.
-    seed: seeds file order, shuffling and the choice of reference caption.
-    process_index: this process (default: `jax.process_index()`).
-    process_count: processes (default: `jax.process_count()`).
-
-  Returns:
-    A dataset of dicts: `image` uint8 [b, S, S, 3] and `tokens` int32
-    [b, max_caption_length + 2], with b = batch_size / process_count.
-  """
-  process_index, process_count = process_share(config, process_index,
-                                               process_count)
-  split = tfds.even_splits(config.train_split, n=process_count,
-                           drop_remainder=True)[process_index]
-  ds = _read_split(builder, split, shuffle_files=True, seed=seed)
-  size = config.image_size
-
-  def decode(ex):
-    return {"image": resize_image(ex["image"], size),
-            "texts": ex["captions"]["text"]}
-
-  ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
-  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  return sample_captions(ds, config, vocab, seed=seed,
-                         process_count=process_count)
 
 
 def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
@@ -211,67 +169,132 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
 class EvalExample:
   """One evaluation image and what the metrics need about it."""
   image_id: int
-  image: np.ndarray  # [S, S, 3] uint8
+  # The model input: an image uint8 [S, S, 3], or its features [R, C] from
+  # a feature cache (the data source's `input_key` says which).
+  inputs: np.ndarray
   references: list[str]
   objects: list[dict[str, Any]]  # shapes set only: bbox, color, shape
 
 
-def eval_examples(builder: tfds.core.DatasetBuilder, split: str,
-                  image_size: int, num_examples: int = -1
-                  ) -> Iterator[EvalExample]:
-  """Evaluation images in a fixed order, resized, with their references.
+class TfdsSource:
+  """Images and captions from TFDS: `config.data_source = "tfds"`.
 
-  Every process reads the whole split: evaluation has no collectives, so
-  duplicating it keeps the metrics identical everywhere.
+  One of the two data sources (see `data.DataSource`); the feature cache is
+  the other.
   """
-  ds = _read_split(builder, split)
-  if num_examples > 0:
-    ds = ds.take(num_examples)
-  features = builder.info.features
-  has_objects = ("objects" in features and
-                 "color" in features["objects"].feature)
-  if has_objects:
-    color_names = features["objects"]["color"].names
-    shape_names = features["objects"]["shape"].names
 
-  def preprocess(ex):
-    out = {"image": resize_image(ex["image"], image_size),
-           "id": ex["image/id"], "captions": ex["captions"]["text"]}
-    if has_objects:
-      out["objects"] = {k: ex["objects"][k] for k in ("bbox", "color", "shape")}
-    return out
+  input_key = "image"  # Batches hold uint8 images [b, S, S, 3].
+  run_info: dict[str, Any] = {}  # Nothing to record in checkpoints.
 
-  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  for ex in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
-    objects = []
+  def __init__(self, config: ml_collections.ConfigDict):
+    """Opens (and, for the shapes set, generates) `config.dataset`.
+
+    Raises:
+      DataError: the dataset is unknown or must be downloaded first.
+    """
+    self.config = config
+    self.builder = get_builder(config)
+
+  @property
+  def description(self) -> str:
+    return f"{self.builder.name} images from {self.builder.data_dir}"
+
+  def captions(self, split: str) -> Iterator[str]:
+    """Every reference caption of a split (for the vocabulary)."""
+    ds = _read_split(self.builder, split, skip_images=True)
+    ds = ds.map(lambda ex: ex["captions"]["text"])
+    return (c.decode("utf-8") for texts in tfds.as_numpy(ds) for c in texts)
+
+  def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
+                    process_index: int | None = None,
+                    process_count: int | None = None) -> tf.data.Dataset:
+    """An endless, shuffled stream of this process's training batches.
+
+    Args:
+      vocab: the vocabulary.
+      seed: seeds file order, shuffling and the choice of reference caption.
+      process_index: this process (default: `jax.process_index()`).
+      process_count: processes (default: `jax.process_count()`).
+
+    Returns:
+      A dataset of dicts: `image` uint8 [b, S, S, 3] and `tokens` int32
+      [b, max_caption_length + 2], with b = batch_size / process_count.
+    """
+    config = self.config
+    process_index, process_count = process_share(config, process_index,
+                                                 process_count)
+    split = tfds.even_splits(config.train_split, n=process_count,
+                             drop_remainder=True)[process_index]
+    ds = _read_split(self.builder, split, shuffle_files=True, seed=seed)
+    size = config.image_size
+
+    def decode(ex):
+      return {"image": resize_image(ex["image"], size),
+              "texts": ex["captions"]["text"]}
+
+    ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return sample_captions(ds, config, vocab, seed=seed,
+                           process_count=process_count)
+
+  def eval_examples(self, split: str, num_examples: int = -1
+                    ) -> Iterator[EvalExample]:
+    """Evaluation images in a fixed order, resized, with their references.
+
+    Every process reads the whole split: evaluation has no collectives, so
+    duplicating it keeps the metrics identical everywhere.
+    """
+    ds = _read_split(self.builder, split)
+    if num_examples > 0:
+      ds = ds.take(num_examples)
+    features = self.builder.info.features
+    has_objects = ("objects" in features and
+                   "color" in features["objects"].feature)
     if has_objects:
-      o = ex["objects"]
-      objects = [{"bbox": tuple(float(v) for v in o["bbox"][i]),
-                  "color": color_names[o["color"][i]],
-                  "shape": shape_names[o["shape"][i]]}
-                 for i in range(len(o["color"]))]
-    yield EvalExample(image_id=int(ex["id"]), image=ex["image"],
-                      references=[c.decode("utf-8") for c in ex["captions"]],
-                      objects=objects)
+      color_names = features["objects"]["color"].names
+      shape_names = features["objects"]["shape"].names
+    image_size = self.config.image_size
+
+    def preprocess(ex):
+      out = {"image": resize_image(ex["image"], image_size),
+             "id": ex["image/id"], "captions": ex["captions"]["text"]}
+      if has_objects:
+        out["objects"] = {k: ex["objects"][k]
+                          for k in ("bbox", "color", "shape")}
+      return out
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    for ex in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
+      objects = []
+      if has_objects:
+        o = ex["objects"]
+        objects = [{"bbox": tuple(float(v) for v in o["bbox"][i]),
+                    "color": color_names[o["color"][i]],
+                    "shape": shape_names[o["shape"][i]]}
+                   for i in range(len(o["color"]))]
+      yield EvalExample(image_id=int(ex["id"]), inputs=ex["image"],
+                        references=[c.decode("utf-8")
+                                    for c in ex["captions"]],
+                        objects=objects)
 
 
 def batch_eval_examples(examples: Iterator[EvalExample], batch_size: int
                         ) -> Iterator[tuple[np.ndarray, list[EvalExample]]]:
-  """Groups examples into full [batch_size, S, S, 3] image arrays.
+  """Groups examples' inputs into full [batch_size, ...] arrays.
 
-  The last batch is padded with copies of its first image; the returned list
+  The last batch is padded with copies of its first input; the returned list
   names only the real examples.
   """
   batch: list[EvalExample] = []
   for ex in examples:
     batch.append(ex)
     if len(batch) == batch_size:
-      yield np.stack([e.image for e in batch]), batch
+      yield np.stack([e.inputs for e in batch]), batch
       batch = []
   if batch:
-    images = [e.image for e in batch]
-    images += [images[0]] * (batch_size - len(batch))
-    yield np.stack(images), batch
+    inputs = [e.inputs for e in batch]
+    inputs += [inputs[0]] * (batch_size - len(batch))
+    yield np.stack(inputs), batch
 
 
 def eval_devices(config: ml_collections.ConfigDict) -> int:

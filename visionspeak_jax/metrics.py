@@ -29,17 +29,18 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from visionspeak_jax import shapes
+# The word lists, not the `shapes` builder, which would import TensorFlow.
+from visionspeak_jax import shapes_words
 
-_COLOR_WORDS = frozenset(shapes.COLORS)
-_SHAPE_WORDS = frozenset(shapes.SHAPES)
+_COLOR_WORDS = frozenset(shapes_words.COLORS)
+_SHAPE_WORDS = frozenset(shapes_words.SHAPES)
 _PTB_PUNCTUATION = frozenset(ptbtokenizer.PUNCTUATIONS)
-_NOT_WORD = re.compile(r'[^\w\s]')
+_NOT_WORD = re.compile(r"[^\w\s]")
 
 
 def _simple_tokenize(caption: str) -> str:
   """Lowercases, turns punctuation into spaces, joins words by one space."""
-  return ' '.join(_NOT_WORD.sub(' ', caption.lower()).split())
+  return " ".join(_NOT_WORD.sub(" ", caption.lower()).split())
 
 
 def _ptb_tokenize(captions: list[str]) -> list[str]:
@@ -60,19 +61,19 @@ def _ptb_tokenize(captions: list[str]) -> list[str]:
                      ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
   # One caption per line: -preserveLines keeps the line structure, so any
   # line break inside a caption would shift every later caption.
-  text = ''.join(' '.join(c.split()) + '\n' for c in captions)
+  text = "".join(" ".join(c.split()) + "\n" for c in captions)
   proc = subprocess.run(
-      ['java', '-cp', jar, 'edu.stanford.nlp.process.PTBTokenizer',
-       '-preserveLines', '-lowerCase', '-encoding', 'utf-8'],
-      input=text.encode('utf-8'), capture_output=True, check=False)
-  lines = proc.stdout.decode('utf-8').split('\n')
+      ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer",
+       "-preserveLines", "-lowerCase", "-encoding", "utf-8"],
+      input=text.encode("utf-8"), capture_output=True, check=False)
+  lines = proc.stdout.decode("utf-8").split("\n")
   if proc.returncode != 0 or len(lines) < len(captions):
     raise RuntimeError(
-        'The Java PTB tokenizer failed '
-        f'({proc.stderr.decode("utf-8", "replace").strip()[-300:]}); '
-        'pass use_java=False to tokenize without Java.')
+        "The Java PTB tokenizer failed "
+        f"({proc.stderr.decode('utf-8', 'replace').strip()[-300:]}); "
+        "pass use_java=False to tokenize without Java.")
   return [
-      ' '.join(w for w in line.rstrip().split(' ') if w not in _PTB_PUNCTUATION)
+      " ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
       for line in lines[:len(captions)]
   ]
 
@@ -99,8 +100,8 @@ def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
     score, _ = scorer.compute_score(gts, res)
   except (ValueError, OSError) as e:
     # An empty reply (the JVM died) fails to parse as a float.
-    raise RuntimeError('The METEOR scorer (Java) failed; pass use_java=False '
-                       'to skip it.') from e
+    raise RuntimeError("The METEOR scorer (Java) failed; pass use_java=False "
+                       "to skip it.") from e
   finally:
     _close_meteor(scorer)
   return float(score)
@@ -128,8 +129,8 @@ def caption_metrics(
       left out.
 
   Returns:
-    'bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l', 'cider' and, when Java is
-    used, 'meteor', as floats (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr is
+    "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider" and, when Java is
+    used, "meteor", as floats (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr is
     pycocoevalcap's, scaled by 10).
 
   Raises:
@@ -137,24 +138,24 @@ def caption_metrics(
       use_java=True without Java.
   """
   if not predictions:
-    raise ValueError('caption_metrics needs at least one prediction.')
+    raise ValueError("caption_metrics needs at least one prediction.")
   missing = [k for k in predictions if not references.get(k)]
   if missing:
     raise ValueError(
-        f'{len(missing)} predicted image ids have no reference captions '
-        f'(e.g. {missing[0]!r}); pass references for every prediction.')
-  have_java = shutil.which('java') is not None
+        f"{len(missing)} predicted image ids have no reference captions "
+        f"(e.g. {missing[0]!r}); pass references for every prediction.")
+  have_java = shutil.which("java") is not None
   if use_java is None:
     use_java = have_java
   elif use_java and not have_java:
-    raise ValueError('use_java=True but no `java` executable is on the PATH; '
-                     'install a Java runtime or pass use_java=False.')
+    raise ValueError("use_java=True but no `java` executable is on the PATH; "
+                     "install a Java runtime or pass use_java=False.")
   if not use_java:
     logging.log_first_n(
         logging.WARNING,
-        'Skipping the Java caption scorers (METEOR, PTB tokenizer): Java is '
-        'not available or use_java=False; tokenizing by lowercasing and '
-        'dropping punctuation.', 1)
+        "Skipping the Java caption scorers (METEOR, PTB tokenizer): Java is "
+        "not available or use_java=False; tokenizing by lowercasing and "
+        "dropping punctuation.", 1)
 
   ids = list(predictions)
   ref_lists = [list(references[k]) for k in ids]
@@ -175,37 +176,37 @@ def caption_metrics(
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge_l, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
-    scores = {f'bleu{n + 1}': float(b) for n, b in enumerate(bleu)}
-    scores['rouge_l'] = float(rouge_l)
-    scores['cider'] = float(cider)
+    scores = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
+    scores["rouge_l"] = float(rouge_l)
+    scores["cider"] = float(cider)
     if use_java:
-      scores['meteor'] = _meteor(gts, res)
+      scores["meteor"] = _meteor(gts, res)
   return scores
 
 
 def _mentions(words: Sequence[str]) -> list[tuple[int, str, str]]:
   """(position, colour, shape) of every shape word, in order.
 
-  The colour is the last colour word after the previous shape word, or ''
+  The colour is the last colour word after the previous shape word, or ""
   when there is none.
   """
   mentions = []
-  color = ''
+  color = ""
   for t, word in enumerate(words):
     if word in _COLOR_WORDS:
       color = word
     elif word in _SHAPE_WORDS:
       mentions.append((t, color, word))
-      color = ''
+      color = ""
   return mentions
 
 
 def parse_objects(caption: str) -> list[tuple[str, str]]:
   """The (colour, shape) objects a shapes-set caption mentions, in order.
 
-  Every shape word (`shapes.SHAPES`) is one mention; its colour is the
-  closest colour word (`shapes.COLORS`) before it and after the previous
-  shape word, or '' when there is none ("a circle" -> [('', 'circle')]).
+  Every shape word (`shapes_words.SHAPES`) is one mention; its colour is the
+  closest colour word (`shapes_words.COLORS`) before it and after the previous
+  shape word, or "" when there is none ("a circle" -> [("", "circle")]).
   Other words, and colour words with no shape after them, are ignored.
 
   Args:
@@ -236,11 +237,11 @@ def content_f1(
     objects: per image, the ground-truth (colour, shape) pairs.
 
   Returns:
-    'content_precision', 'content_recall' and 'content_f1' as floats.
+    "content_precision", "content_recall" and "content_f1" as floats.
   """
   if len(predictions) != len(objects):
-    raise ValueError(f'Got {len(predictions)} captions but {len(objects)} '
-                     'object lists; pass one object list per caption.')
+    raise ValueError(f"Got {len(predictions)} captions but {len(objects)} "
+                     "object lists; pass one object list per caption.")
   true_pos = num_pred = num_true = 0
   for caption, truth in zip(predictions, objects):
     predicted = collections.Counter(parse_objects(caption))
@@ -253,16 +254,16 @@ def content_f1(
   f1 = (2 * precision * recall / (precision + recall)
         if precision + recall else 0.0)
   return {
-      'content_precision': float(precision),
-      'content_recall': float(recall),
-      'content_f1': float(f1),
+      "content_precision": float(precision),
+      "content_recall": float(recall),
+      "content_f1": float(f1),
   }
 
 
 def _name(value: Any, names: list[str]) -> str:
   """A colour or shape name from a name or a ClassLabel index."""
   if isinstance(value, bytes):
-    return value.decode('utf-8')
+    return value.decode("utf-8")
   if isinstance(value, str):
     return value
   return names[int(value)]
@@ -289,18 +290,18 @@ def attention_grounding(
     alphas: per caption, attention weights [T, H * W] with T >= len(tokens[i]);
       row t is the attention used to emit tokens[i][t], row-major over the
       grid.
-    objects: per image, dicts with 'bbox' (normalised ymin, xmin, ymax, xmax),
-      'color' and 'shape' (names, or ClassLabel indices into shapes.COLORS
-      and shapes.SHAPES, as TFDS returns them).
+    objects: per image, dicts with "bbox" (normalised ymin, xmin, ymax, xmax),
+      "color" and "shape" (names, or ClassLabel indices into
+      shapes_words.COLORS and shapes_words.SHAPES, as TFDS returns them).
     grid_hw: (H, W) of the feature grid the attention is over.
 
   Returns:
     The grounded share in [0, 1].
   """
   if not len(tokens) == len(alphas) == len(objects):
-    raise ValueError(f'Got {len(tokens)} captions, {len(alphas)} attention '
-                     f'maps and {len(objects)} object lists; pass one of each '
-                     'per image.')
+    raise ValueError(f"Got {len(tokens)} captions, {len(alphas)} attention "
+                     f"maps and {len(objects)} object lists; pass one of each "
+                     "per image.")
   grid_h, grid_w = grid_hw
   counted = grounded = 0
   for words, alpha, truth in zip(tokens, alphas, objects):
@@ -308,12 +309,13 @@ def attention_grounding(
     if (alpha.ndim != 2 or alpha.shape[1] != grid_h * grid_w or
         alpha.shape[0] < len(words)):
       raise ValueError(
-          f'Attention of shape {alpha.shape} does not fit {len(words)} words '
-          f'on a {grid_h}x{grid_w} grid; pass [T >= words, H * W] per caption.')
+          f"Attention of shape {alpha.shape} does not fit {len(words)} words "
+          f"on a {grid_h}x{grid_w} grid; pass [T >= words, H * W] per caption.")
     boxes = collections.defaultdict(list)
     for o in truth:
-      key = (_name(o['color'], shapes.COLORS), _name(o['shape'], shapes.SHAPES))
-      boxes[key].append(np.asarray(o['bbox'], dtype=np.float64))
+      key = (_name(o["color"], shapes_words.COLORS),
+             _name(o["shape"], shapes_words.SHAPES))
+      boxes[key].append(np.asarray(o["bbox"], dtype=np.float64))
     for t, color, shape in _mentions(list(words)):
       if (color, shape) not in boxes:
         continue

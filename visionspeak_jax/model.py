@@ -1,7 +1,12 @@
 """The captioner: a Flax ResNet encoder and the pure-function SAT decoder.
 
 Parameters live in one pytree `{"encoder": ..., "decoder": ...}`; the ResNet's
-BatchNorm statistics live beside it in `batch_stats`.
+BatchNorm statistics live beside it in `batch_stats`. A model trained on a
+feature cache has no encoder: its parameters are `{"decoder": ...}` and its
+inputs are the features themselves (see `features`).
+
+Initialisation here is random; weights from files or earlier runs are merged
+in by `restore`.
 """
 
 from typing import Any
@@ -13,7 +18,7 @@ import numpy as np
 
 from visionspeak_jax import decoder
 from visionspeak_jax import decoding
-from visionspeak_jax import pretrained
+from visionspeak_jax import fast_decoder
 from visionspeak_jax import resnet
 from visionspeak_jax import vocabulary
 
@@ -69,33 +74,33 @@ def init_decoder(key: jax.Array, config: ml_collections.ConfigDict,
 
 def init_encoder(key: jax.Array, config: ml_collections.ConfigDict
                  ) -> dict[str, Any]:
-  """Encoder variables {"params", "batch_stats"}: random, or imported.
-
-  With `config.model.pretrained_path` set, the weights come from that
-  torchvision-style state dict (see `pretrained.py`); `key` is then unused.
-  """
-  m = config.model
-  # Under tracing (jax.eval_shape while restoring a checkpoint) only shapes
-  # matter: they are those of a random init, and the file need not exist.
-  if m.get("pretrained_path", "") and not isinstance(key, jax.core.Tracer):
-    return pretrained.load_encoder(m.pretrained_path, m.resnet_size,
-                                   num_filters=m.resnet_width,
-                                   stem=m.resnet_stem)
+  """Randomly initialised encoder variables {"params", "batch_stats"}."""
   size = config.image_size
   return create_encoder(config).init(key, jnp.zeros((1, size, size, 3)),
                                      train=False)
 
 
-def init(key: jax.Array, config: ml_collections.ConfigDict,
-         vocab_size: int) -> tuple[dict[str, Any], Any]:
-  """Creates (params, batch_stats) for a config and vocabulary size."""
+def init(key: jax.Array, config: ml_collections.ConfigDict, vocab_size: int,
+         *, encoder: bool = True) -> tuple[dict[str, Any], Any]:
+  """Creates random (params, batch_stats) for a config and vocabulary size.
+
+  Args:
+    key: PRNG key; the decoder's key is the same with or without encoder.
+    config: the run config.
+    vocab_size: V.
+    encoder: include the ResNet; False for a model that reads features from
+      a cache (`params` is then `{"decoder": ...}`, `batch_stats` empty).
+
+  Returns:
+    (params, batch_stats).
+  """
   k_enc, k_dec = jax.random.split(key)
+  params = {"decoder": init_decoder(k_dec, config, vocab_size,
+                                    num_regions(config))}
+  if not encoder:
+    return params, {}
   variables = init_encoder(k_enc, config)
-  params = {
-      "encoder": variables["params"],
-      "decoder": init_decoder(k_dec, config, vocab_size, num_regions(config)),
-  }
-  return params, variables["batch_stats"]
+  return {"encoder": variables["params"], **params}, variables["batch_stats"]
 
 
 def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
@@ -125,6 +130,27 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
   return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
 
 
+def features(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
+             inputs: dict[str, jax.Array], *, train: bool
+             ) -> tuple[jax.Array, Any]:
+  """Model inputs to region features, whatever the data source gave.
+
+  Args:
+    encoder: the ResNet module.
+    params: the full parameter pytree.
+    batch_stats: BatchNorm statistics.
+    inputs: `image` uint8 [B, S, S, 3], encoded by the ResNet, or
+      `features` [B, R, C] from a feature cache, used as they are.
+    train: run the ResNet in training mode (batch statistics, updated).
+
+  Returns:
+    (features [B, R, C] float32, batch_stats).
+  """
+  if "features" in inputs:
+    return inputs["features"].astype(jnp.float32), batch_stats
+  return encode(encoder, params, batch_stats, inputs["image"], train=train)
+
+
 def decode_dtype(name: str) -> Any:
   """A `decode_dtype` name as a matmul dtype (None for float32).
 
@@ -137,12 +163,12 @@ def decode_dtype(name: str) -> Any:
   return DECODE_DTYPES[name]
 
 
-_decoding_weights = jax.jit(decoder.decoding_weights, static_argnums=1)
+_decoding_weights = jax.jit(fast_decoder.decoding_weights, static_argnums=1)
 
 
-def decoding_weights(decoder_params: dict[str, Any],
-                     dtype_name: str) -> dict[str, Any]:
-  """`decoder.decoding_weights` for a `decode_dtype` name, jitted.
+def decoding_weights(decoder_params: dict[str, Any], dtype_name: str
+                     ) -> fast_decoder.DecodingWeights:
+  """`fast_decoder.decoding_weights` for a `decode_dtype` name, jitted.
 
   Build once per checkpoint (an evaluation pass, the caption CLI) and pass
   to `make_step_fn`, `greedy_caption` or `beam_caption` for every batch.
@@ -153,7 +179,7 @@ def decoding_weights(decoder_params: dict[str, Any],
   return _decoding_weights(decoder_params, decode_dtype(dtype_name))
 
 
-def make_step_fn(weights: dict[str, Any], features: jax.Array
+def make_step_fn(weights: fast_decoder.DecodingWeights, features: jax.Array
                  ) -> tuple[decoding.StepFn, Any]:
   """A `decoding` step function and its initial state for some images.
 
@@ -169,18 +195,17 @@ def make_step_fn(weights: dict[str, Any], features: jax.Array
   Returns:
     (step_fn over [B * K] tokens, initial state with leading dim B).
   """
-  features = decoder.add_positions(weights, features)
-  state = decoder.init_state(weights, features)
-  features_proj = decoder.project_features(weights, features)
+  features, features_proj, state = fast_decoder.decoding_start(weights,
+                                                                features)
 
   def step_fn(tokens, carry):
-    return decoder.decode_step(weights, features, features_proj, carry,
-                               tokens)
+    return fast_decoder.decode_step(weights, features, features_proj, carry,
+                                    tokens)
 
   return step_fn, state
 
 
-def greedy_caption(weights: dict[str, Any], features: jax.Array,
+def greedy_caption(weights: fast_decoder.DecodingWeights, features: jax.Array,
                    max_length: int) -> decoding.Decoded:
   """Greedy captions for [B, R, C] features (`make_step_fn`'s weights)."""
   step_fn, state = make_step_fn(weights, features)
@@ -189,7 +214,7 @@ def greedy_caption(weights: dict[str, Any], features: jax.Array,
                          pad_id=vocabulary.PAD_ID)
 
 
-def beam_caption(weights: dict[str, Any], features: jax.Array, *,
+def beam_caption(weights: fast_decoder.DecodingWeights, features: jax.Array, *,
                  beam_size: int, max_length: int,
                  length_penalty: float = 0.0) -> decoding.Decoded:
   """Beam-search captions for [B, R, C] features (beam_size 1 is greedy).
@@ -203,3 +228,34 @@ def beam_caption(weights: dict[str, Any], features: jax.Array, *,
       step_fn, state, features.shape[0], beam_size, max_length,
       bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
       pad_id=vocabulary.PAD_ID, length_penalty=length_penalty)
+
+
+def predict(params: dict[str, Any], batch_stats: Any,
+            weights: fast_decoder.DecodingWeights,
+            inputs: dict[str, jax.Array], *,
+            config: ml_collections.ConfigDict, beam_size: int,
+            max_length: int, length_penalty: float = 0.0
+            ) -> decoding.Decoded:
+  """Captions a batch: encoder (inference mode), then beam search.
+
+  The one prediction function: evaluation compiles it with `jax.pmap`, the
+  caption CLI with `jax.jit`.
+
+  Args:
+    params: the model parameters.
+    batch_stats: BatchNorm statistics.
+    weights: `decoding_weights` of `params["decoder"]`, built once per
+      checkpoint.
+    inputs: `image` [B, S, S, 3] uint8 or `features` [B, R, C].
+    config: the run config (the encoder's settings).
+    beam_size: hypotheses per image; 1 is greedy.
+    max_length: generated tokens at most (EOS included).
+    length_penalty: GNMT exponent of the beam search.
+
+  Returns:
+    The `Decoded` captions and attention maps.
+  """
+  feats, _ = features(create_encoder(config), params, batch_stats, inputs,
+                      train=False)  # [B, R, C]
+  return beam_caption(weights, feats, beam_size=beam_size,
+                      max_length=max_length, length_penalty=length_penalty)

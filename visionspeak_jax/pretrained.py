@@ -168,6 +168,33 @@ def to_flax(state_dict: dict[str, Any], resnet_size: str | int, *,
   return flax.traverse_util.unflatten_dict(out)
 
 
+def from_flax(variables: dict[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse of `to_flax`: Flax ResNet variables -> torchvision keys.
+
+  Args:
+    variables: {"params", "batch_stats"} of a `resnet.create(...)` model.
+
+  Returns:
+    {torchvision key: float32 array}, without `fc` (the trunk has none).
+  """
+  out = {}
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  for (collection, *modules, name), value in flat.items():
+    prefix, is_conv = _torch_key(tuple(modules))
+    value = np.asarray(jax.device_get(value), np.float32)
+    if is_conv and name == "kernel":
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    out[f"{prefix}.{_LEAVES[(collection, name)]}"] = np.ascontiguousarray(
+        value)
+  return out
+
+
+def save_encoder(path: str, variables: dict[str, Any]) -> None:
+  """Writes encoder variables as a torchvision-style `.safetensors` file."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file(from_flax(variables), path)
+
+
 def load_encoder(path: str, resnet_size: str | int, *, num_filters: int = 64,
                  stem: str = "imagenet") -> dict[str, Any]:
   """`to_flax(load_state_dict(path), ...)`."""

@@ -10,9 +10,9 @@ Usage:
   import tensorflow_datasets as tfds
   import visionspeak_jax.shapes  # Registers `shapes_captions` with TFDS.
 
-  builder = tfds.builder('shapes_captions/default', data_dir=data_dir)
+  builder = tfds.builder("shapes_captions/default", data_dir=data_dir)
   builder.download_and_prepare()  # Draws the images; nothing is downloaded.
-  train = builder.as_dataset(split='train')
+  train = builder.as_dataset(split="train")
 
 Caption grammar (what `metrics.parse_objects` relies on): lowercase words
 separated by single spaces, no punctuation, the article is always "a". Each
@@ -22,6 +22,7 @@ a colour or a shape. Relations between two objects use the axis on which
 their centres are further apart: "to the left of", "to the right of",
 "above", "below"; three objects are listed in order along the axis on which
 the centres spread most ("from left to right", "from top to bottom", ...).
+The words themselves are in `visionspeak_jax.shapes_words`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from PIL import Image
 from PIL import ImageDraw
 import tensorflow_datasets as tfds
 
-COLORS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange']
-SHAPES = ['circle', 'square', 'triangle', 'diamond']
-SIZES = ['small', 'large']
+from visionspeak_jax import shapes_words
+
+# Kept here too: the builder and its users read them as `shapes.COLORS`.
+COLORS = shapes_words.COLORS
+SHAPES = shapes_words.SHAPES
+SIZES = shapes_words.SIZES
 
 IMAGE_SIZE = 224
 NUM_CAPTIONS = 5
@@ -46,17 +50,17 @@ MAX_OBJECTS = 3
 # Hues far apart so that a colour stays unambiguous after the per-object
 # jitter, the background noise and a downscale to 64x64.
 _RGB = {
-    'red': (215, 35, 35),
-    'green': (35, 160, 55),
-    'blue': (35, 75, 215),
-    'yellow': (235, 205, 25),
-    'purple': (135, 50, 185),
-    'orange': (245, 135, 20),
+    "red": (215, 35, 35),
+    "green": (35, 160, 55),
+    "blue": (35, 75, 215),
+    "yellow": (235, 205, 25),
+    "purple": (135, 50, 185),
+    "orange": (245, 135, 20),
 }
 _COLOR_JITTER = 12
 # Side of the square box a shape fills, in pixels at 224: small shapes are
 # still about 12 px wide at 64x64, large ones about 22 px.
-_EXTENT_RANGE = {'small': (40, 48), 'large': (70, 82)}
+_EXTENT_RANGE = {"small": (40, 48), "large": (70, 82)}
 _EDGE_MARGIN = 4  # Pixels between any shape and the image border.
 _GAP = 8  # Pixels between the boxes of two shapes.
 # How much further apart two centres must be on the relation axis than on
@@ -69,9 +73,9 @@ _MAX_LAYOUT_TRIES = 2000
 
 # Seeds of the splits; an example is drawn from (_BASE_SEED, split, index).
 _BASE_SEED = 20150210
-_SPLIT_SEED = {'train': 0, 'validation': 1, 'test': 2}
+_SPLIT_SEED = {"train": 0, "validation": 1, "test": 2}
 # Image ids are unique across splits, like COCO's.
-_SPLIT_ID_OFFSET = {'train': 0, 'validation': 1_000_000, 'test': 2_000_000}
+_SPLIT_ID_OFFSET = {"train": 0, "validation": 1_000_000, "test": 2_000_000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +98,17 @@ class _Object:
 
   def words(self, with_size: bool = False) -> str:
     if with_size:
-      return f'{self.size} {self.color} {self.shape}'
-    return f'{self.color} {self.shape}'
+      return f"{self.size} {self.color} {self.shape}"
+    return f"{self.color} {self.shape}"
 
 
 def _relation(a: _Object, b: _Object) -> str:
   """Where `a` lies relative to `b`, on the axis of larger separation."""
   dx, dy = a.cx - b.cx, a.cy - b.cy
   if abs(dx) >= abs(dy):
-    return 'to the left of' if dx < 0 else 'to the right of'
+    return shapes_words.LEFT_OF if dx < 0 else shapes_words.RIGHT_OF
   # Image rows grow downwards.
-  return 'above' if dy < 0 else 'below'
+  return shapes_words.ABOVE if dy < 0 else shapes_words.BELOW
 
 
 def _major_axis(a: _Object, b: _Object) -> int:
@@ -167,7 +171,7 @@ def _sample_layout(rng: np.random.Generator) -> list[_Object]:
       return objects
   # Unreachable in practice (three large shapes fit in a few tries), but a
   # silent infinite loop would be worse than an error.
-  raise RuntimeError('Could not place the shapes; this is a bug in shapes.py.')
+  raise RuntimeError("Could not place the shapes; this is a bug in shapes.py.")
 
 
 def _draw(rng: np.random.Generator, objects: list[_Object]) -> np.ndarray:
@@ -175,7 +179,7 @@ def _draw(rng: np.random.Generator, objects: list[_Object]) -> np.ndarray:
   grey = rng.uniform(175, 235)
   tint = rng.uniform(-6, 6, size=3)
   background = np.clip(np.round(grey + tint), 0, 255).astype(np.uint8)
-  canvas = Image.new('RGB', (IMAGE_SIZE, IMAGE_SIZE), tuple(background))
+  canvas = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tuple(background))
   draw = ImageDraw.Draw(canvas)
   for o in objects:
     jitter = rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3)
@@ -185,16 +189,16 @@ def _draw(rng: np.random.Generator, objects: list[_Object]) -> np.ndarray:
     x0, y0, x1, y1 = o.x0, o.y0, o.x1 - 1, o.y1 - 1
     cx = (x0 + x1) / 2
     cy = (y0 + y1) / 2
-    if o.shape == 'circle':
+    if o.shape == "circle":
       draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif o.shape == 'square':
+    elif o.shape == "square":
       draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif o.shape == 'triangle':
+    elif o.shape == "triangle":
       draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif o.shape == 'diamond':
+    elif o.shape == "diamond":
       draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
     else:
-      raise ValueError(f'Unknown shape {o.shape!r}.')
+      raise ValueError(f"Unknown shape {o.shape!r}.")
   image = np.asarray(canvas, dtype=np.int16)
   # Noise on 4x4 blocks rather than per pixel: it still makes flat colour
   # an unreliable cue, while the PNGs stay small enough to build quickly.
@@ -209,35 +213,37 @@ def _captions(objects: list[_Object]) -> list[str]:
   if len(objects) == 1:
     (o,) = objects
     return [
-        f'a {o.words()}',
-        f'a {o.words(True)}',
-        f'there is a {o.words()} in the image',
-        f'a {o.words()} on a plain background',
-        f'the image shows a single {o.words(True)}',
+        f"a {o.words()}",
+        f"a {o.words(True)}",
+        f"there is a {o.words()} in the image",
+        f"a {o.words()} on a plain background",
+        f"the image shows a single {o.words(True)}",
     ]
   axis = (_major_axis(*objects) if len(objects) == 2 else
           _listing_axis(objects))
   # Sort along the axis so that the first object is the leftmost (or top).
   ordered = sorted(objects, key=lambda o: o.cx if axis == 0 else o.cy)
-  forward = 'from left to right' if axis == 0 else 'from top to bottom'
-  backward = 'from right to left' if axis == 0 else 'from bottom to top'
+  if axis == 0:
+    forward, backward = shapes_words.LEFT_TO_RIGHT, shapes_words.RIGHT_TO_LEFT
+  else:
+    forward, backward = shapes_words.TOP_TO_BOTTOM, shapes_words.BOTTOM_TO_TOP
   if len(objects) == 2:
     a, b = ordered
     return [
-        f'a {a.words()} {_relation(a, b)} a {b.words()}',
-        f'a {b.words(True)} {_relation(b, a)} a {a.words(True)}',
-        f'a {a.words()} and a {b.words()} {forward}',
-        f'there is a {a.words(True)} {_relation(a, b)} a {b.words(True)}',
-        f'two shapes {backward} a {b.words()} and a {a.words()}',
+        f"a {a.words()} {_relation(a, b)} a {b.words()}",
+        f"a {b.words(True)} {_relation(b, a)} a {a.words(True)}",
+        f"a {a.words()} and a {b.words()} {forward}",
+        f"there is a {a.words(True)} {_relation(a, b)} a {b.words(True)}",
+        f"two shapes {backward} a {b.words()} and a {a.words()}",
     ]
   a, b, c = ordered
   return [
-      f'a {a.words()} a {b.words()} and a {c.words()} {forward}',
-      f'{forward} a {a.words(True)} a {b.words(True)} and a {c.words(True)}',
-      (f'a {a.words()} {_relation(a, b)} a {b.words()} which is '
-       f'{_relation(b, c)} a {c.words()}'),
-      f'three shapes {backward} a {c.words()} a {b.words()} and a {a.words()}',
-      f'a {b.words(True)} between a {a.words()} and a {c.words()}',
+      f"a {a.words()} a {b.words()} and a {c.words()} {forward}",
+      f"{forward} a {a.words(True)} a {b.words(True)} and a {c.words(True)}",
+      (f"a {a.words()} {_relation(a, b)} a {b.words()} which is "
+       f"{_relation(b, c)} a {c.words()}"),
+      f"three shapes {backward} a {c.words()} a {b.words()} and a {a.words()}",
+      f"a {b.words(True)} between a {a.words()} and a {c.words()}",
   ]
 
 
@@ -260,15 +266,15 @@ def generate_example(rng: np.random.Generator, image_id: int) -> dict[str, Any]:
   objects = _sample_layout(rng)
   image = _draw(rng, objects)
   return {
-      'image': image,
-      'image/id': int(image_id),
-      'captions': _captions(objects),
-      'objects': [{
-          'bbox': (o.y0 / IMAGE_SIZE, o.x0 / IMAGE_SIZE, o.y1 / IMAGE_SIZE,
+      "image": image,
+      "image/id": int(image_id),
+      "captions": _captions(objects),
+      "objects": [{
+          "bbox": (o.y0 / IMAGE_SIZE, o.x0 / IMAGE_SIZE, o.y1 / IMAGE_SIZE,
                    o.x1 / IMAGE_SIZE),
-          'color': o.color,
-          'shape': o.shape,
-          'size': o.size,
+          "color": o.color,
+          "shape": o.shape,
+          "size": o.size,
       } for o in objects],
   }
 
@@ -277,15 +283,15 @@ def example_rng(split: str, index: int) -> np.random.Generator:
   """The Generator that draws example `index` of `split`.
 
   Args:
-    split: 'train', 'validation' or 'test'.
+    split: "train", "validation" or "test".
     index: position of the example in the split.
 
   Returns:
     A freshly seeded numpy Generator.
   """
   if split not in _SPLIT_SEED:
-    raise ValueError(f'Unknown split {split!r}; use one of '
-                     f'{sorted(_SPLIT_SEED)}.')
+    raise ValueError(f"Unknown split {split!r}; use one of "
+                     f"{sorted(_SPLIT_SEED)}.")
   return np.random.default_rng([_BASE_SEED, _SPLIT_SEED[split], index])
 
 
@@ -310,45 +316,45 @@ class ShapesCaptionsConfig(tfds.core.BuilderConfig):
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with five captions each, drawn locally."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {
-      '1.0.0': ('Initial release: 1-3 shapes (4 shapes, 6 colours, 2 sizes) '
-                'per 224x224 image, five captions with spatial relations.'),
+      "1.0.0": ("Initial release: 1-3 shapes (4 shapes, 6 colours, 2 sizes) "
+                "per 224x224 image, five captions with spatial relations."),
   }
   BUILDER_CONFIGS = [
       ShapesCaptionsConfig(
-          name='default',
-          description='10000 train, 1000 validation and 1000 test images.'),
+          name="default",
+          description="10000 train, 1000 validation and 1000 test images."),
       ShapesCaptionsConfig(
-          name='tiny',
-          description='200 / 50 / 50 images, for tests.',
+          name="tiny",
+          description="200 / 50 / 50 images, for tests.",
           num_train=200,
           num_validation=50,
           num_test=50),
   ]
-  DEFAULT_BUILDER_CONFIG_NAME = 'default'
+  DEFAULT_BUILDER_CONFIG_NAME = "default"
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description=(
-            'Synthetic captioning set: 1-3 non-overlapping filled shapes '
-            f'({", ".join(SHAPES)}) in {", ".join(COLORS)} and two sizes on a '
-            'noisy light background, with five reference captions naming '
-            'every object and their spatial relations, and ground-truth '
-            'boxes. Features mirror coco_captions.'),
+            "Synthetic captioning set: 1-3 non-overlapping filled shapes "
+            f"({', '.join(SHAPES)}) in {', '.join(COLORS)} and two sizes on a "
+            "noisy light background, with five reference captions naming "
+            "every object and their spatial relations, and ground-truth "
+            "boxes. Features mirror coco_captions."),
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format='png'),
-            'image/id': tfds.features.Scalar(dtype=np.int64),
-            'captions': tfds.features.Sequence({
-                'text': tfds.features.Text(),
+            "image": tfds.features.Image(
+                shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+            "image/id": tfds.features.Scalar(dtype=np.int64),
+            "captions": tfds.features.Sequence({
+                "text": tfds.features.Text(),
             }),
-            'objects': tfds.features.Sequence({
-                'bbox': tfds.features.BBoxFeature(),
-                'color': tfds.features.ClassLabel(names=COLORS),
-                'shape': tfds.features.ClassLabel(names=SHAPES),
-                'size': tfds.features.ClassLabel(names=SIZES),
+            "objects": tfds.features.Sequence({
+                "bbox": tfds.features.BBoxFeature(),
+                "color": tfds.features.ClassLabel(names=COLORS),
+                "shape": tfds.features.ClassLabel(names=SHAPES),
+                "size": tfds.features.ClassLabel(names=SIZES),
             }),
         }),
         homepage=None,
@@ -358,10 +364,10 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing to download: every example is drawn here.
     config = self.builder_config
     return {
-        'train': self._generate_examples('train', config.num_train),
-        'validation': self._generate_examples('validation',
+        "train": self._generate_examples("train", config.num_train),
+        "validation": self._generate_examples("validation",
                                               config.num_validation),
-        'test': self._generate_examples('test', config.num_test),
+        "test": self._generate_examples("test", config.num_test),
     }
 
   def _generate_examples(self, split: str, num_examples: int):
@@ -371,14 +377,14 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
       # PIL encodes about twice as fast as the TF graph TFDS would run on a
       # numpy image; PNG is lossless, so the decoded pixels are the same.
       buffer = io.BytesIO()
-      Image.fromarray(example['image']).save(buffer, format='png',
+      Image.fromarray(example["image"]).save(buffer, format="png",
                                              compress_level=1)
       yield index, {
-          'image': buffer.getvalue(),
-          'image/id': example['image/id'],
-          'captions': [{'text': text} for text in example['captions']],
-          'objects': [
-              dict(o, bbox=np.asarray(o['bbox'], np.float64))
-              for o in example['objects']
+          "image": buffer.getvalue(),
+          "image/id": example["image/id"],
+          "captions": [{"text": text} for text in example["captions"]],
+          "objects": [
+              dict(o, bbox=np.asarray(o["bbox"], np.float64))
+              for o in example["objects"]
           ],
       }

@@ -1,18 +1,16 @@
 """Training and evaluation of the captioner.
 
-`train_step` and `eval_step` are per-device functions that name their
-collectives over the `batch` axis; `train_and_evaluate` compiles them with
+`train_step` is a per-device function that names its collectives over the
+`batch` axis; `train_and_evaluate` compiles it and `model.predict` with
 `jax.pmap`, keeps the state unreplicated (`in_axes=None`, `out_axes=None`)
 and runs the loop: train, log, evaluate, checkpoint, resume.
 
-`config.encoder_mode` picks what is trained:
-  "end_to_end": the ResNet and the decoder from images, one learning rate.
-  "cached": the decoder alone, on features from a cache written by
-    `extract_features` (params `{"decoder": ...}`; the ResNet never runs).
-  "fine_tune": both from images, the encoder on its own learning rate
-    (`config.encoder_learning_rate`; 0 freezes it), usually starting from
-    imported weights (`config.model.pretrained_path`) and/or an earlier run
-    (`config.init_from`).
+What is trained is set by two independent settings: where the inputs come
+from (`config.data_source`, see `data.py`: images through the ResNet, or a
+feature cache and no ResNet) and how fast each parameter subtree learns
+(`config.lr_mults`, see `optimizer.py`: 0 freezes a subtree). Where a run
+starts is `restore.initial_weights`: a random init, pretrained encoder
+weights, and/or an earlier run (`config.init_from`).
 """
 
 import functools
@@ -23,7 +21,6 @@ from typing import Any
 
 from absl import logging
 import flax
-from flax.training import train_state
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -32,98 +29,16 @@ import numpy as np
 import optax
 
 from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import data
 from visionspeak_jax import decoder
-from visionspeak_jax import features as features_lib
+from visionspeak_jax import fast_decoder
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
 from visionspeak_jax import model
-from visionspeak_jax import pretrained
+from visionspeak_jax import optimizer
+from visionspeak_jax import restore
+from visionspeak_jax import state as state_lib
 from visionspeak_jax import vocabulary as vocab_lib
-
-
-ENCODER_MODES = ("end_to_end", "cached", "fine_tune")
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-
-
-def encoder_mode(config: ml_collections.ConfigDict) -> str:
-  """`config.encoder_mode`, checked."""
-  mode = config.get("encoder_mode", "end_to_end")
-  if mode not in ENCODER_MODES:
-    raise ValueError(f"Unknown encoder_mode {mode!r}: set "
-                     f"--config.encoder_mode to one of "
-                     f"{', '.join(ENCODER_MODES)}.")
-  return mode
-
-
-def _encoder_frozen(config: ml_collections.ConfigDict) -> bool:
-  """Fine-tuning with encoder_learning_rate 0: the ResNet only infers."""
-  return (encoder_mode(config) == "fine_tune" and
-          config.encoder_learning_rate <= 0)
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict,
-                            peak: float | None = None) -> optax.Schedule:
-  """Linear warm-up to `peak` (`learning_rate`), then cosine decay to zero."""
-  warmup = min(config.warmup_steps, config.num_train_steps)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=config.learning_rate if peak is None else peak,
-      warmup_steps=warmup,
-      decay_steps=max(config.num_train_steps, warmup + 1), end_value=0.0)
-
-
-def create_optimizer(config: ml_collections.ConfigDict
-                     ) -> optax.GradientTransformation:
-  """AdamW on the learning-rate schedule, after global-norm clipping.
-
-  In "fine_tune" mode the `encoder` and `decoder` subtrees get their own
-  AdamW (peaks `encoder_learning_rate` and `learning_rate`); an encoder rate
-  of 0 leaves the encoder untouched.
-  """
-  parts = []
-  if config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  tx = optax.adamw(create_learning_rate_fn(config),
-                   weight_decay=config.weight_decay)
-  if encoder_mode(config) == "fine_tune":
-    if config.encoder_learning_rate > 0:
-      encoder_tx = optax.adamw(
-          create_learning_rate_fn(config, config.encoder_learning_rate),
-          weight_decay=config.weight_decay)
-    else:
-      encoder_tx = optax.set_to_zero()
-    tx = optax.multi_transform(
-        {"encoder": encoder_tx, "decoder": tx},
-        lambda params: {k: jax.tree.map(lambda _, k=k: k, v)
-                        for k, v in params.items()})
-  parts.append(tx)
-  return optax.chain(*parts)
-
-
-def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
-                       vocab_size: int) -> TrainState:
-  """Fresh parameters, BatchNorm statistics and optimizer state.
-
-  In "cached" mode the parameters are `{"decoder": ...}` alone and
-  `batch_stats` is empty: the features come precomputed.
-  """
-  if encoder_mode(config) == "cached":
-    _, k_dec = jax.random.split(rng)  # The decoder key of `model.init`.
-    params = {"decoder": model.init_decoder(k_dec, config, vocab_size,
-                                            model.num_regions(config))}
-    batch_stats, apply_fn = {}, None
-  else:
-    params, batch_stats = model.init(rng, config, vocab_size)
-    apply_fn = model.create_encoder(config).apply
-  state = TrainState.create(apply_fn=apply_fn, params=params,
-                            tx=create_optimizer(config),
-                            batch_stats=batch_stats)
-  # An array step from the start: a Python int here would make the second
-  # call of the compiled step see a new signature and compile again.
-  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -132,19 +47,22 @@ def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return inputs, targets, (targets != vocab_lib.PAD_ID).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array],
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                rng: jax.Array, *, config: ml_collections.ConfigDict
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's share of the global batch.
 
   The loss is normalised by the mean number of tokens (and captions) per
   device, so that `pmean` of the per-device gradients is exactly the gradient
-  of the global-batch loss, whatever the device count.
+  of the global-batch loss, whatever the device count. Only the subtrees
+  that `config.lr_mults` trains are differentiated and averaged; frozen ones
+  run in inference mode (a frozen encoder keeps its BatchNorm statistics)
+  under `stop_gradient`.
 
   Args:
     state: the train state (same on every device).
-    batch: `image` uint8 [b, S, S, 3] (or, in "cached" mode, `features`
-      float16 [b, R, C]) and `tokens` int32 [b, T + 1].
+    batch: the data source's input (`image` uint8 [b, S, S, 3] or
+      `features` float16 [b, R, C]) and `tokens` int32 [b, T + 1].
     rng: the run's base key; the step and device are folded in here.
     config: the run config.
 
@@ -155,23 +73,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            lax.axis_index("batch"))
   inputs, targets, mask = split_tokens(batch["tokens"])
-  mode = encoder_mode(config)
-  frozen = _encoder_frozen(config)
-  if mode == "cached":
-    fixed_features = batch["features"].astype(jnp.float32)  # [b, R, C]
-  elif frozen:
-    # A frozen encoder infers (running BatchNorm statistics) outside the
-    # differentiated function: no backward pass through the ResNet.
-    fixed_features, _ = model.encode(encoder, state.params, state.batch_stats,
-                                     batch["image"], train=False)
+  trained, frozen = optimizer.trainable(config, state.params)
+  frozen = lax.stop_gradient(frozen)
 
-  def loss_fn(params):
-    if mode == "cached" or frozen:
-      features, batch_stats = fixed_features, state.batch_stats
-    else:
-      features, batch_stats = model.encode(encoder, params, state.batch_stats,
-                                           batch["image"], train=True)
-    logits, alphas = decoder.teacher_forced(
+  def loss_fn(trained):
+    params = {**frozen, **trained}
+    features, batch_stats = model.features(
+        encoder, params, state.batch_stats, batch,
+        train="encoder" in trained)
+    logits, alphas = fast_decoder.teacher_forced(
         params["decoder"], features, inputs,
         dropout_rate=config.model.dropout_rate, rng=rng)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
@@ -184,18 +94,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   # Differentiate per-device copies of the parameters: the gradients stay
   # local until the one explicit pmean, instead of JAX summing them across
   # devices implicitly at every use of the parameters inside the scans.
-  if frozen:
-    # Only the decoder is differentiated and averaged; the encoder's zero
-    # gradients stay local (optax.set_to_zero ignores them anyway).
-    params = lax.pcast({"decoder": state.params["decoder"]}, "batch",
-                       to="varying")
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
-    grads = {"encoder": jax.tree.map(jnp.zeros_like, state.params["encoder"]),
-             "decoder": lax.pmean(grads["decoder"], "batch")}
-  else:
-    params = lax.pcast(state.params, "batch", to="varying")
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
-    grads = lax.pmean(grads, "batch")
+  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+      lax.pcast(trained, "batch", to="varying"))
+  # Frozen subtrees get zeros, which their optax.set_to_zero ignores.
+  grads = {**jax.tree.map(jnp.zeros_like, frozen),
+           **lax.pmean(grads, "batch")}
   # Synchronised BatchNorm already made the statistics equal across devices.
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   totals = lax.psum(terms, "batch")
@@ -211,55 +114,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
   return state, metrics
 
 
-def eval_step(state: TrainState, weights: Any, images: jax.Array, *,
-              config: ml_collections.ConfigDict):
-  """Beam-search captions (and attention maps) for this device's images.
-
-  `weights` are `model.decoding_weights` of the state's decoder, built once
-  per evaluation pass. `images` are uint8 [b, S, S, 3], or in "cached" mode
-  features [b, R, C].
-  """
-  if encoder_mode(config) == "cached":
-    features = images.astype(jnp.float32)
-  else:
-    encoder = model.create_encoder(config)
-    features, _ = model.encode(encoder, state.params, state.batch_stats,
-                               images, train=False)
-  return model.beam_caption(weights, features,
-                            beam_size=config.beam_size,
-                            max_length=config.max_decode_length,
-                            length_penalty=config.length_penalty)
-
-
 def compile_steps(config: ml_collections.ConfigDict,
                   devices: list[jax.Device] | None = None):
-  """The pmapped train and eval steps; the state is never replicated.
+  """The pmapped train step and predict function; the state is never
+  replicated.
 
   Args:
     config: the run config.
     devices: the local devices to map over (default: all).
 
   Returns:
-    (p_train_step, p_eval_step).
+    (p_train_step(state, batch, rng),
+     p_predict(params, batch_stats, decoding weights, inputs)).
   """
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config), axis_name="batch",
       in_axes=(None, 0, None), out_axes=(None, None),
       donate_argnums=(0,) if jax.process_count() == 1 else (),
       devices=devices)
-  p_eval_step = jax.pmap(functools.partial(eval_step, config=config),
-                         axis_name="batch", in_axes=(None, None, 0),
-                         out_axes=0, devices=devices)
-  return p_train_step, p_eval_step
+  p_predict = jax.pmap(
+      functools.partial(model.predict, config=config,
+                        beam_size=config.beam_size,
+                        max_length=config.max_decode_length,
+                        length_penalty=config.length_penalty),
+      axis_name="batch", in_axes=(None, None, None, 0), out_axes=0,
+      devices=devices)
+  return p_train_step, p_predict
 
 
-def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
-             cache: features_lib.FeatureCache | None = None
-             ) -> dict[str, float]:
+def evaluate(p_predict, state: state_lib.TrainState,
+             source: data.DataSource, config: ml_collections.ConfigDict,
+             vocab: vocab_lib.Vocabulary, split: str) -> dict[str, float]:
   """Captions a split with beam search and scores it.
-
-  With a feature `cache` ("cached" mode) the split is read from it and
-  `builder` is unused.
 
   Returns:
     Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
@@ -269,21 +155,18 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
   num_devices = input_pipeline.eval_devices(config)
   references, predictions = {}, {}
   words, alphas, objects = [], [], []
-  if cache is not None:
-    examples = cache.eval_examples(split, config.num_eval_examples)
-  else:
-    examples = input_pipeline.eval_examples(builder, split, config.image_size,
-                                            config.num_eval_examples)
+  examples = source.eval_examples(split, config.num_eval_examples)
   # Once for the whole split.
   weights = model.decoding_weights(state.params["decoder"],
                                    config.decode_dtype)
-  for images, batch in input_pipeline.batch_eval_examples(
+  for inputs, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
-    decoded = p_eval_step(state, weights,
-                          input_pipeline.shard(images, num_devices))
-    tokens = np.asarray(decoded.tokens).reshape(len(images), -1)  # [B, L]
+    decoded = p_predict(state.params, state.batch_stats, weights,
+                        {source.input_key: input_pipeline.shard(
+                            inputs, num_devices)})
+    tokens = np.asarray(decoded.tokens).reshape(len(inputs), -1)  # [B, L]
     batch_alphas = np.asarray(decoded.alphas)
-    batch_alphas = batch_alphas.reshape((len(images),) +
+    batch_alphas = batch_alphas.reshape((len(inputs),) +
                                         batch_alphas.shape[2:])  # [B, L, R]
     for i, ex in enumerate(batch):
       caption, positions = vocab.decode_with_positions(tokens[i])
@@ -306,101 +189,6 @@ def evaluate(p_eval_step, state: TrainState, builder, config, vocab, split: str,
         words, alphas, objects, (grid, grid))
   results["num_images"] = len(predictions)
   return results
-
-
-def _init_checkpoint(config: ml_collections.ConfigDict
-                     ) -> checkpoint_lib.Checkpointer:
-  directory = os.path.join(config.init_from, "checkpoints")
-  if not os.path.isdir(directory):
-    raise checkpoint_lib.CheckpointError(
-        f"No checkpoint in {directory}: point --config.init_from at a "
-        "finished run's workdir.")
-  return checkpoint_lib.Checkpointer(directory)
-
-
-def init_from_checkpoint(state: TrainState, config: ml_collections.ConfigDict
-                         ) -> TrainState:
-  """Copies the parameters of `config.init_from`'s latest checkpoint.
-
-  Each of the `encoder` (with its BatchNorm statistics) and `decoder`
-  subtrees that the earlier run has and this state has is copied; the rest,
-  the step and the optimizer state stay fresh. A "cached" run thus gives its
-  decoder to a "fine_tune" run whose encoder comes from pretrained weights.
-
-  Raises:
-    checkpoint.CheckpointError: no checkpoint there, or its shapes differ.
-  """
-  ckpt = _init_checkpoint(config)
-  try:
-    step = ckpt.latest_step()
-    vocab, saved = ckpt.restore_metadata(step)
-    target = jax.eval_shape(lambda: create_train_state(
-        jax.random.key(0), saved, len(vocab)))
-    source = ckpt.restore_state(target, step)
-  finally:
-    ckpt.close()
-  params = dict(state.params)
-  batch_stats = state.batch_stats
-  copied = []
-  for part in ("encoder", "decoder"):
-    if part in params and part in source.params:
-      mine = jax.tree.map(lambda x: (x.shape, x.dtype), params[part])
-      theirs = jax.tree.map(lambda x: (x.shape, x.dtype), source.params[part])
-      if mine != theirs:
-        raise checkpoint_lib.CheckpointError(
-            f"The {part} in {config.init_from} (step {step}) has other "
-            f"shapes than this config's: use the same --config.model "
-            f"settings as that run.")
-      params[part] = source.params[part]
-      if part == "encoder":
-        batch_stats = source.batch_stats
-      copied.append(part)
-  logging.info("Initialised %s from %s (step %d).",
-               " and ".join(copied) or "nothing", config.init_from, step)
-  if "encoder" in params and "encoder" not in copied:
-    params, batch_stats = _extraction_encoder(config, saved, params,
-                                              batch_stats)
-  return state.replace(params=params, batch_stats=batch_stats)
-
-
-def _extraction_encoder(config: ml_collections.ConfigDict,
-                        saved: ml_collections.ConfigDict, params: Any,
-                        batch_stats: Any) -> tuple[Any, Any]:
-  """The encoder for a decoder taken over from a "cached" run.
-
-  That decoder learnt on the features of one frozen encoder, recorded by
-  fingerprint in the run's feature cache. With
-  `config.model.pretrained_path` the loaded weights must be that encoder;
-  without it, that encoder is rebuilt from the cache's record.
-
-  Raises:
-    checkpoint.CheckpointError: the pretrained weights are another encoder.
-    features.FeatureCacheError: the recorded encoder cannot be rebuilt.
-  """
-  index = features_lib.cache_index(saved, config.init_from)
-  pretrained_path = config.model.get("pretrained_path", "")
-  if index is None:
-    logging.warning(
-        "The feature cache of %s is gone, so its encoder is unknown: the "
-        "encoder starts from %s.", config.init_from,
-        pretrained_path or "a random init")
-    return params, batch_stats
-  if pretrained_path:
-    mine = pretrained.fingerprint({"params": params["encoder"],
-                                   "batch_stats": batch_stats})
-    if mine != index["encoder_fingerprint"]:
-      raise checkpoint_lib.CheckpointError(
-          f"The encoder weights in {pretrained_path} (fingerprint {mine}) are "
-          f"not the ones the decoder of {config.init_from} learnt from "
-          f"({index['encoder_source']}, fingerprint "
-          f"{index['encoder_fingerprint']}): pass those weights, or drop "
-          "--config.model.pretrained_path to rebuild them.")
-    return params, batch_stats
-  variables = features_lib.extraction_encoder(saved, config.init_from, index)
-  logging.info("The encoder starts from %s, which extracted the features "
-               "the decoder of %s learnt from.", index["encoder_source"],
-               config.init_from)
-  return dict(params, encoder=variables["params"]), variables["batch_stats"]
 
 
 def _format(metrics: dict[str, Any]) -> str:
@@ -430,57 +218,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size {config.batch_size} must be divisible by "
                      f"the {jax.device_count()} devices.")
-  cached = encoder_mode(config) == "cached"
   # A bad name stops the run here, not at its first evaluation.
   model.decode_dtype(config.decode_dtype)
-  if cached:
-    # Features, captions and objects all come from the cache: no TFDS.
-    cache = features_lib.open_cache(config, workdir)
-    builder = None
-    logging.info("Training the decoder on cached features from %s (encoder "
-                 "%s).", cache.directory, cache.index["encoder_source"])
-  else:
-    cache = None
-    builder = input_pipeline.get_builder(config)
+  source = data.create(config, workdir)
+  logging.info("Data: %s.", source.description)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      config.max_checkpoints_to_keep)
   best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), 1,
                                           best_metric=config.best_metric)
   latest = ckpt.latest_step()
+  init_run = None
   if latest is not None:
     vocab, _ = ckpt.restore_metadata(latest)
     logging.info("Resuming from the checkpoint of step %d.", latest)
-  elif config.get("init_from", ""):
+  elif config.init_from:
+    init_run = restore.restore_run(config.init_from)
     # The decoder copied from that run speaks its vocabulary.
-    init_ckpt = _init_checkpoint(config)
-    vocab, _ = init_ckpt.restore_metadata()
-    init_ckpt.close()
-  elif cached:
-    vocab = vocab_lib.Vocabulary.build(cache.captions(config.train_split),
-                                       min_count=config.vocab_min_count)
+    vocab = init_run.vocab
   else:
-    vocab = input_pipeline.build_vocabulary(builder, config.train_split,
-                                            config.vocab_min_count)
+    vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split),
+                                       min_count=config.vocab_min_count)
   if latest is None and jax.process_index() == 0:
     vocab.save(os.path.join(workdir, "vocab.json"))
   logging.info("Vocabulary: %d words.", len(vocab))
 
   rng = jax.random.key(config.seed)
-  state = create_train_state(jax.random.fold_in(rng, 0), config, len(vocab))
+  state = state_lib.create_train_state(
+      jax.random.fold_in(rng, 0), config, len(vocab),
+      encoder=source.input_key == "image")
   if latest is not None:
     state = ckpt.restore_state(state, latest)
-  elif config.get("init_from", ""):
-    state = init_from_checkpoint(state, config)
+  else:
+    params, batch_stats = restore.initial_weights(
+        config, state.params, state.batch_stats, init_run)
+    state = state.replace(params=params, batch_stats=batch_stats)
   start_step = int(state.step)
   dropout_rng = jax.random.fold_in(rng, 1)
-  p_train_step, p_eval_step = compile_steps(config)
+  p_train_step, p_predict = compile_steps(config)
 
   # A resumed run reads a fresh data order rather than replaying the start.
-  if cached:
-    train_ds = cache.train_dataset(config, vocab, seed=config.seed + start_step)
-  else:
-    train_ds = input_pipeline.create_train_dataset(
-        builder, config, vocab, seed=config.seed + start_step)
+  train_ds = source.train_dataset(vocab, seed=config.seed + start_step)
   train_iter = flax.jax_utils.prefetch_to_device(
       map(lambda b: input_pipeline.shard(b, num_devices),
           train_ds.as_numpy_iterator()), config.prefetch_batches)
@@ -515,23 +292,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.block_until_ready(train_metrics)
     if (done % config.eval_every_steps == 0 or
         done == config.num_train_steps):
-      eval_metrics = evaluate(p_eval_step, state, builder, config, vocab,
-                              config.eval_split, cache)
+      eval_metrics = evaluate(p_predict, state, source, config, vocab,
+                              config.eval_split)
       logging.info("eval %s at step %d: %s", config.eval_split, done,
                    _format(eval_metrics))
       _write_metrics(workdir, {"step": done, "split": config.eval_split,
                                **eval_metrics})
-      best_ckpt.save(done, state, vocab, config, metrics=eval_metrics)
+      best_ckpt.save(done, state, vocab, config, metrics=eval_metrics,
+                     info=source.run_info)
       last_time = time.time()
     if (done % config.checkpoint_every_steps == 0 or
         done == config.num_train_steps):
-      ckpt.save(done, state, vocab, config)
+      ckpt.save(done, state, vocab, config, info=source.run_info)
   for c in (ckpt, best_ckpt):
     c.wait()
     c.close()
 
-  test_metrics = evaluate(p_eval_step, state, builder, config, vocab,
-                          config.test_split, cache)
+  test_metrics = evaluate(p_predict, state, source, config, vocab,
+                          config.test_split)
   logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
                int(state.step), _format(test_metrics))
   _write_metrics(workdir, {"step": int(state.step),

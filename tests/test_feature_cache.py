@@ -1,9 +1,11 @@
-"""Feature caches, "cached" decoder training and "fine_tune" (two fake CPUs)."""
+"""Feature caches, decoder training on them, and learning-rate multipliers
+(two fake CPUs)."""
 
 import json
 import os
 import shutil
 
+from batches import fake_batch
 import jax
 import numpy as np
 import pytest
@@ -11,8 +13,12 @@ import pytest
 from configs import tiny
 from visionspeak_jax import caption
 from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import features
+from visionspeak_jax import data
+from visionspeak_jax import extraction
+from visionspeak_jax import feature_cache
 from visionspeak_jax import pretrained
+from visionspeak_jax import restore
+from visionspeak_jax import state as state_lib
 from visionspeak_jax import train
 
 
@@ -29,7 +35,7 @@ def cache_dir(tiny_data_dir, tmp_path_factory):
   """The tiny shapes set's features through a random tiny ResNet."""
   root = tmp_path_factory.mktemp("features")
   config = _config(tiny_data_dir, str(root / "cache"))
-  return features.extract(config, str(root / "unused_workdir"))
+  return extraction.extract(config, str(root / "unused_workdir"))
 
 
 def test_extract_writes_index_and_shards(cache_dir, tiny_data_dir):
@@ -44,10 +50,17 @@ def test_extract_writes_index_and_shards(cache_dir, tiny_data_dir):
                          "part-00000-of-00001.json")) as f:
     part = json.load(f)
   assert part["num_examples"] == 200 and len(set(part["image_ids"])) == 200
-  cache = features.open_cache(_config(tiny_data_dir, cache_dir), "unused")
+  config = _config(tiny_data_dir, cache_dir)
+  config.data_source = "feature_cache"
+  cache = data.create(config, "unused")
+  assert isinstance(cache, feature_cache.FeatureCache)
+  assert cache.input_key == "features"
+  assert cache.run_info == {
+      "encoder_source": "random:seed=0",
+      "encoder_fingerprint": index["encoder_fingerprint"]}
   examples = list(cache.eval_examples("validation", 3))
-  assert examples[0].image.shape == (16, 32)
-  assert examples[0].image.dtype == np.float16
+  assert examples[0].inputs.shape == (16, 32)
+  assert examples[0].inputs.dtype == np.float16
   assert len(examples[0].references) == 5 and examples[0].objects
   assert isinstance(examples[0].objects[0]["bbox"], tuple)
 
@@ -56,93 +69,84 @@ def test_cached_training_is_decoder_only_and_checkpoints(cache_dir,
                                                          tmp_path):
   # No TFDS data at all: captions, features and objects come from the cache.
   config = _config(str(tmp_path / "no_tfds"), cache_dir)
-  config.encoder_mode = "cached"
+  config.data_source = "feature_cache"
   config.num_train_steps = 4
   config.checkpoint_every_steps = 2
   config.eval_every_steps = 4
   config.num_eval_examples = 8
   workdir = str(tmp_path / "cached")
   results = train.train_and_evaluate(config, workdir)
-  assert results["num_images"] == 8 and 0.0 <= results["cider"] <= 10.0
-  assert "content_f1" in results and "grounding" in results
+  assert results["num_images"] == 8
+  for key in ("bleu4", "content_f1", "grounding"):
+    assert 0.0 <= results[key] <= 1.0, key
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == 4
   vocab, _ = ckpt.restore_metadata()
-  state = train.create_train_state(jax.random.key(0), config, len(vocab))
+  state = state_lib.create_train_state(jax.random.key(0), config, len(vocab),
+                                       encoder=False)
   assert set(state.params) == {"decoder"}
   restored = ckpt.restore_state(state)
   assert int(restored.step) == 4
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b),
                          state.params, restored.params)
   assert any(jax.tree.leaves(changed))
+  # The run records which encoder its features came from.
+  with open(os.path.join(cache_dir, "index.json")) as f:
+    index = json.load(f)
+  run = restore.restore_run(workdir)
+  assert run.info == {"encoder_source": index["encoder_source"],
+                      "encoder_fingerprint": index["encoder_fingerprint"]}
+  jax.tree.map(np.testing.assert_array_equal, run.params, restored.params)
 
   # Captioning images needs an encoder, which a cached run does not have.
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match="saved no image encoder"):
     caption.load_captioner(workdir)
 
-  # A fine_tune state takes that decoder via init_from, and its encoder is
-  # rebuilt from the cache's record: the one the features came from.
-  config.encoder_mode = "fine_tune"
+  # An image run takes that decoder via init_from, and its encoder is
+  # rebuilt from the run's record: the one the features came from.
+  config.data_source = "tfds"
   config.init_from = workdir
-  fresh = train.create_train_state(jax.random.key(1), config, len(vocab))
-  started = train.init_from_checkpoint(fresh, config)
-  jax.tree.map(np.testing.assert_array_equal, started.params["decoder"],
+  fresh = state_lib.create_train_state(jax.random.key(1), config, len(vocab))
+  params, batch_stats = restore.initial_weights(
+      config, fresh.params, fresh.batch_stats, run)
+  jax.tree.map(np.testing.assert_array_equal, params["decoder"],
                restored.params["decoder"])
-  with open(os.path.join(cache_dir, "index.json")) as f:
-    index = json.load(f)
   assert pretrained.fingerprint(
-      {"params": started.params["encoder"],
-       "batch_stats": started.batch_stats}) == index["encoder_fingerprint"]
+      {"params": params["encoder"],
+       "batch_stats": batch_stats}) == index["encoder_fingerprint"]
   assert pretrained.fingerprint(
       {"params": fresh.params["encoder"],
        "batch_stats": fresh.batch_stats}) != index["encoder_fingerprint"]
 
   # Pretrained weights that are another encoder: one sentence, no start.
-  config.model.pretrained_path = "/weights/other.safetensors"
+  weights = str(tmp_path / "other.safetensors")
+  pretrained.save_encoder(weights, restore.encoder_from_source(
+      config, "random:seed=7"))
+  config.model.pretrained_path = weights
   with pytest.raises(checkpoint_lib.CheckpointError,
                      match="not the ones the decoder of"):
-    train.init_from_checkpoint(fresh, config)
+    restore.initial_weights(config, fresh.params, fresh.batch_stats, run)
   config.model.pretrained_path = ""
 
   # A recorded encoder that no longer matches its fingerprint.
-  changed = str(tmp_path / "changed_cache")
-  shutil.copytree(cache_dir, changed)
-  index["encoder_fingerprint"] = "0" * 16
-  with open(os.path.join(changed, "index.json"), "w") as f:
-    json.dump(index, f)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  saved = ckpt.restore_metadata()[1]
-  ckpt.close()
-  saved.feature_cache_dir = changed
-  with pytest.raises(features.FeatureCacheError, match="has changed since"):
-    features.extraction_encoder(saved, workdir,
-                                features.cache_index(saved, workdir))
+  run.info = dict(run.info, encoder_fingerprint="0" * 16)
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match="has changed since"):
+    restore.initial_weights(config, fresh.params, fresh.batch_stats, run)
 
 
-def _batch(config, vocab_size, batch_size, seed=0):
-  rng = np.random.RandomState(seed)
-  size, length = config.image_size, config.max_caption_length + 2
-  tokens = rng.randint(4, vocab_size, (batch_size, length)).astype(np.int32)
-  tokens[:, 0] = 1
-  tokens[:, length // 2] = 2
-  tokens[:, length // 2 + 1:] = 0
-  return {"image": rng.randint(0, 256, (batch_size, size, size, 3))
-                   .astype(np.uint8), "tokens": tokens}
-
-
-@pytest.mark.parametrize("encoder_lr", [0.0, 1e-3])
-def test_fine_tune_encoder_learning_rate(encoder_lr):
+@pytest.mark.parametrize("encoder_mult", [0.0, 1.0])
+def test_encoder_learning_rate_multiplier(encoder_mult):
   config = tiny.get_config()
-  config.encoder_mode = "fine_tune"
-  config.encoder_learning_rate = encoder_lr
+  config.lr_mults.encoder = encoder_mult
   config.warmup_steps = 0
   vocab_size = 20
-  state = train.create_train_state(jax.random.key(0), config, vocab_size)
+  state = state_lib.create_train_state(jax.random.key(0), config, vocab_size)
   before = jax.device_get((state.params, state.batch_stats))
   p_train_step, _ = train.compile_steps(config)
   batch = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]),
-                       _batch(config, vocab_size, config.batch_size))
+                       fake_batch(config, vocab_size, config.batch_size))
   for _ in range(2):
     state, metrics = p_train_step(state, batch, jax.random.key(1))
   assert np.isfinite(float(metrics["loss"]))
@@ -153,7 +157,7 @@ def test_fine_tune_encoder_learning_rate(encoder_lr):
         lambda x, y: not np.array_equal(x, y), a, b)))
 
   assert differs(before[0]["decoder"], params["decoder"])
-  if encoder_lr == 0:
+  if encoder_mult == 0:
     jax.tree.map(np.testing.assert_array_equal, before[0]["encoder"],
                  params["encoder"])
     jax.tree.map(np.testing.assert_array_equal, before[1], stats)
@@ -164,31 +168,32 @@ def test_fine_tune_encoder_learning_rate(encoder_lr):
 def test_cache_errors(cache_dir, tiny_data_dir, tmp_path):
   config = _config(tiny_data_dir, cache_dir)
   config.image_size = 64
-  with pytest.raises(features.FeatureCacheError,
+  with pytest.raises(feature_cache.FeatureCacheError,
                      match=r"was made for .* at 32 px .* not .* at 64 px"):
-    features.open_cache(config, "unused")
+    feature_cache.open_cache(config, "unused")
   config = _config(tiny_data_dir, cache_dir)
   config.model.resnet_size = "18"
-  with pytest.raises(features.FeatureCacheError, match="ResNet-tiny"):
-    features.open_cache(config, "unused")
+  with pytest.raises(feature_cache.FeatureCacheError, match="ResNet-tiny"):
+    feature_cache.open_cache(config, "unused")
 
   config = _config(tiny_data_dir, str(tmp_path / "empty"))
-  with pytest.raises(features.FeatureCacheError, match="No feature cache in"):
-    features.open_cache(config, "unused")
+  with pytest.raises(feature_cache.FeatureCacheError, match="No feature cache in"):
+    feature_cache.open_cache(config, "unused")
 
   broken = str(tmp_path / "broken")
   shutil.copytree(cache_dir, broken)
   os.remove(os.path.join(broken, "test", "part-00000-of-00001.json"))
   config = _config(tiny_data_dir, broken)
-  with pytest.raises(features.FeatureCacheError,
+  with pytest.raises(feature_cache.FeatureCacheError,
                      match="incomplete for split 'test'"):
-    features.open_cache(config, "unused")
+    feature_cache.open_cache(config, "unused")
 
   config = _config(tiny_data_dir, str(tmp_path / "out"))
   config.extract_random_encoder = False
-  with pytest.raises(features.FeatureCacheError, match="No encoder weights"):
-    features.extract(config, str(tmp_path / "no_run"))
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match="No encoder weights"):
+    extraction.extract(config, str(tmp_path / "no_run"))
 
-  config.encoder_mode = "frozen"
-  with pytest.raises(ValueError, match="Unknown encoder_mode 'frozen'"):
-    train.create_train_state(jax.random.key(0), config, 10)
+  config.data_source = "frozen"
+  with pytest.raises(ValueError, match="Unknown data_source 'frozen'"):
+    data.create(config, "unused")

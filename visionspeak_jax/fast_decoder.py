@@ -1,0 +1,352 @@
+"""The decoder's fast paths: the same results as `decoder.step`, less work.
+
+`decoder.step` runs seven matmuls per word as the paper writes them. Here
+the weights are regrouped once (`FusedWeights`: every matmul on the
+previous h becomes one) and two rearrangements use them:
+
+- `teacher_forced` (training): only the work that depends on the recurrent
+  state stays inside the `lax.scan`; the word embeddings, dropout and the
+  output layer run once on all B x T rows, and the scan's backward pass is
+  written by hand (`jax.custom_vjp`) so that each weight gradient is one
+  matmul over all steps.
+- `decode_step` (greedy, beam search, sampling): `DecodingWeights`, built
+  once per checkpoint, add a [V, 4H] table for the word half of the LSTM
+  input and optionally bfloat16 matmul weights; the K hypotheses of an
+  image share one copy of its features.
+
+The tests hold both equal to `decoder.step`.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from visionspeak_jax import attention
+from visionspeak_jax import decoder
+from visionspeak_jax import lstm
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class FusedWeights:
+  """The decoder's recurrent weights regrouped by the input they multiply.
+
+  A = attention size, G = gate columns (C for the vector gate, 1 for the
+  scalar one, 0 without a gate), H = LSTM size, E = embedding, C = channels.
+  """
+  w_emb: jax.Array  # [E, 4H], the embedding rows of the LSTM weight
+  w_ctx: jax.Array  # [C, 4H], the context rows of the LSTM weight
+  w_h: jax.Array  # [H, A + G + 4H]: attention query, gate, LSTM recurrence
+  lstm_b: jax.Array  # [4H]
+  small: Params  # `v` [A] (attention scores) and, with a gate, `gate_b` [G]
+
+
+def fused_weights(params: Params) -> FusedWeights:
+  """Regroups decoder parameters; build once, outside any loop.
+
+  Args:
+    params: decoder parameters (`decoder.init`).
+
+  Returns:
+    The `FusedWeights`.
+  """
+  embed_dim = params["embed"].shape[1]
+  w_lstm = params["lstm"]["w"]  # [E + C + H, 4H], rows [embedding; context; h]
+  feature_dim = w_lstm.shape[0] - embed_dim - w_lstm.shape[1] // 4
+  w_h = [params["attention"]["w_h"], w_lstm[embed_dim + feature_dim:]]
+  small = {"v": params["attention"]["v"]}
+  if "gate" in params:
+    w_h.insert(1, params["gate"]["w"])
+    small["gate_b"] = params["gate"]["b"]
+  return FusedWeights(w_emb=w_lstm[:embed_dim],
+                      w_ctx=w_lstm[embed_dim:embed_dim + feature_dim],
+                      w_h=jnp.concatenate(w_h, axis=1),
+                      lstm_b=params["lstm"]["b"], small=small)
+
+
+@flax.struct.dataclass
+class DecodingWeights:
+  """Everything `decode_step` and its set-up read (`decoding_weights`).
+
+  Matmul weights are in the matmul dtype (float32 or bfloat16); biases, the
+  tables and all elementwise work stay float32.
+  """
+  word_gates: jax.Array  # [V, 4H] float32: embed @ w_emb + lstm_b
+  w_ctx: jax.Array  # [C, 4H], matmul dtype
+  w_h: jax.Array  # [H, A + G + 4H], matmul dtype
+  small: Params  # `FusedWeights.small`
+  embed: jax.Array  # [V, E], for the deep output
+  # Decoder-like subtrees for `decoder.add_positions`, `init_state` and
+  # `project_features`: init_h, init_c, attention {w_f (matmul dtype), b_f}
+  # and, when the decoder has one, positions.
+  setup: Params
+  output: Params  # the decoder's `deep` or `out` subtree, `w`s cast
+
+
+def decoding_weights(params: Params, matmul_dtype: Any = None
+                     ) -> DecodingWeights:
+  """Prepares decoder parameters for decoding; build once per checkpoint.
+
+  On top of `fused_weights`, the embedding half of the LSTM input becomes a
+  table, `word_gates` [V, 4H] = embed @ W_emb + b: one [V, E] @ [E, 4H]
+  matmul here instead of one [N, E] @ [E, 4H] at every step. The caption
+  CLI and an evaluation pass build it once and reuse it for every batch.
+
+  Args:
+    params: decoder parameters.
+    matmul_dtype: None keeps float32; a lower precision (bfloat16) casts
+      every matmul weight, and the inputs are cast to match. The products
+      still accumulate in float32.
+
+  Returns:
+    The `DecodingWeights`.
+  """
+  fused = fused_weights(params)
+  dtype = jnp.float32 if matmul_dtype is None else matmul_dtype
+  setup = {"init_h": params["init_h"], "init_c": params["init_c"],
+           "attention": {"w_f": params["attention"]["w_f"].astype(dtype),
+                         "b_f": params["attention"]["b_f"]}}
+  if "positions" in params:
+    setup["positions"] = params["positions"]
+  output = {name: jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dtype)
+      if path[-1] == jax.tree_util.DictKey("w") else x, params[name])
+            for name in ("deep", "out") if name in params}
+  return DecodingWeights(
+      # [V, E] @ [E, 4H] -> [V, 4H], in the matmul precision.
+      word_gates=decoder.matmul(params["embed"], fused.w_emb.astype(dtype))
+      + fused.lstm_b,
+      w_ctx=fused.w_ctx.astype(dtype), w_h=fused.w_h.astype(dtype),
+      small=fused.small, embed=params["embed"], setup=setup, output=output)
+
+
+def decoding_start(weights: DecodingWeights, features: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, lstm.Carry]:
+  """Per-image set-up of decoding: positions, projection, initial state.
+
+  Args:
+    weights: `decoding_weights(...)`.
+    features: [B, R, C] region features.
+
+  Returns:
+    (features [B, R, C] with positions added, projected features [B, R, A],
+    initial (h, c), each [B, H]).
+  """
+  features = decoder.add_positions(weights.setup, features)
+  return (features, decoder.project_features(weights.setup, features),
+          decoder.init_state(weights.setup, features))
+
+
+def decode_step(weights: DecodingWeights, features: jax.Array,
+                features_proj: jax.Array, carry: lstm.Carry,
+                prev_tokens: jax.Array
+                ) -> tuple[jax.Array, lstm.Carry, jax.Array]:
+  """`decoder.step` for decoding: same result, less work.
+
+  Four matmuls on the state instead of seven, a table lookup for the word,
+  and the K hypotheses of an image (a beam) share one copy of its
+  features. No dropout.
+
+  Args:
+    weights: `decoding_weights(params, matmul_dtype)`.
+    features: [B, R, C] region features (positions added). They stay
+      float32 whatever the matmul dtype: their weighted sum is a
+      memory-bound mix, not a matmul worth casting for.
+    features_proj: [B, R, A] projected features.
+    carry: (h, c), each [B*K, H]; row b * K + k belongs to image b.
+    prev_tokens: [B*K] int previous words.
+
+  Returns:
+    (logits [B*K, V], new carry, alpha [B*K, R]), float32.
+  """
+  h, c = carry
+  attention_dim, gate_dim = _dims(weights.small)
+  h_proj = decoder.matmul(h, weights.w_h)  # [B*K, H] -> [B*K, A + G + 4H]
+  context, alpha = _attend_and_gate(attention_dim, gate_dim, weights.small,
+                                    features, features_proj, h_proj)
+  carry = _cell_update(attention_dim, gate_dim, h_proj,
+                       weights.word_gates[prev_tokens],  # [B*K, 4H]
+                       decoder.matmul(context, weights.w_ctx), c)
+  emb = weights.embed[prev_tokens]  # [B*K] -> [B*K, E]
+  return (decoder.output_logits(weights.output, emb, carry[0], context),
+          carry, alpha)
+
+
+def _dims(small: Params) -> tuple[int, int]:
+  """(A, G) of a fused `w_h`, read from the shapes in `small`."""
+  return (small["v"].shape[0],
+          small["gate_b"].shape[0] if "gate_b" in small else 0)
+
+
+def _attend_and_gate(attention_dim: int, gate_dim: int, small: Params,
+                     features: jax.Array, features_proj: jax.Array,
+                     h_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gated context [B, C] and alpha [B, R] from the fused `h @ w_h` rows."""
+  context, alpha = attention.attend_query(
+      {"v": small["v"]}, features, features_proj, h_proj[:, :attention_dim])
+  if gate_dim:
+    gate = h_proj[:, attention_dim:attention_dim + gate_dim]
+    context = context * jax.nn.sigmoid(gate + small["gate_b"])
+  return context, alpha
+
+
+def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
+                 z_emb_t: jax.Array, z_ctx: jax.Array,
+                 c: jax.Array) -> lstm.Carry:
+  """LSTM update from the three parts of its pre-activation."""
+  z = z_emb_t + z_ctx + h_proj[:, attention_dim + gate_dim:]  # [B, 4H]
+  return lstm.apply_gates(z, c)
+
+
+def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
+                    features_proj, z_emb, carry):
+  """The scan of `_recurrence`, also returning what its backward pass needs.
+
+  The step inputs (h, c) and the two per-step matmul results are kept, so
+  the backward pass recomputes only elementwise work.
+  """
+
+  def body(carry, z_emb_t):
+    h, c = carry
+    h_proj = h @ w_h  # [B, H] -> [B, A (+ C | 1) + 4H]
+    context, alpha = _attend_and_gate(attention_dim, gate_dim, small,
+                                      features, features_proj, h_proj)
+    z_ctx = context @ w_ctx  # [B, C] -> [B, 4H]
+    new = _cell_update(attention_dim, gate_dim, h_proj, z_emb_t, z_ctx, c)
+    return new, (new[0], context, alpha, h, c, h_proj, z_ctx)
+
+  _, (hs, contexts, alphas, h_in, c_in, h_proj, z_ctx) = jax.lax.scan(
+      body, carry, z_emb)
+  residuals = (w_h, w_ctx, small, features, features_proj, z_emb, contexts,
+               h_in, c_in, h_proj, z_ctx)
+  return (hs, contexts, alphas), residuals
+
+
+def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
+  """Reverse scan for the state gradients; weight gradients after it.
+
+  Autodiff of the scan would add a rank-B update ([H, B] @ [B, N]) to each
+  weight gradient at every step. Here the scan only emits the per-step
+  cotangents of the two matmul outputs, and each weight gradient is one
+  matmul over all B x T rows afterwards, where the CPU runs near its peak.
+  """
+  (w_h, w_ctx, small, features, features_proj, z_emb, contexts, h_in, c_in,
+   h_proj, z_ctx) = residuals
+  ct_hs, ct_contexts, ct_alphas = cotangents
+
+  def body(acc, xs):
+    dh, dc, d_small, d_features, d_proj = acc
+    (h_proj_t, z_emb_t, z_ctx_t, c_t, ct_h, ct_context, ct_alpha) = xs
+    _, cell_vjp = jax.vjp(
+        lambda hp, ze, zc, c: _cell_update(attention_dim, gate_dim, hp, ze,
+                                           zc, c),
+        h_proj_t, z_emb_t, z_ctx_t, c_t)
+    d_hp_cell, d_z_emb, d_z_ctx, dc = cell_vjp((dh + ct_h, dc))
+    _, attend_vjp = jax.vjp(
+        lambda sm, f, fp, hp: _attend_and_gate(attention_dim, gate_dim, sm,
+                                               f, fp, hp),
+        small, features, features_proj, h_proj_t)
+    d_sm, d_f, d_fp, d_hp_att = attend_vjp(
+        (ct_context + d_z_ctx @ w_ctx.T, ct_alpha))
+    d_h_proj = d_hp_cell + d_hp_att  # [B, A (+ C | 1) + 4H]
+    acc = (d_h_proj @ w_h.T, dc, jax.tree.map(jnp.add, d_small, d_sm),
+           d_features + d_f, d_proj + d_fp)
+    return acc, (d_h_proj, d_z_emb, d_z_ctx)
+
+  # zeros_like keeps each value's device variance under shard_map/pmap.
+  init = jax.tree.map(jnp.zeros_like,
+                      (c_in[0], c_in[0], small, features, features_proj))
+  (dh, dc, d_small, d_features, d_proj), (d_h_proj, d_z_emb, d_z_ctx) = (
+      jax.lax.scan(body, init, (h_proj, z_emb, z_ctx, c_in, ct_hs,
+                                ct_contexts, ct_alphas), reverse=True))
+  # The weight gradients of the two per-step matmuls, summed over all T
+  # steps as one matmul each instead of T rank-B updates inside the loop.
+  d_w_h = jnp.einsum("tbh,tbk->hk", h_in, d_h_proj)
+  d_w_ctx = jnp.einsum("tbc,tbk->ck", contexts, d_z_ctx)
+  return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(attention_dim: int, gate_dim: int, w_h: jax.Array,
+                w_ctx: jax.Array, small: Params, features: jax.Array,
+                features_proj: jax.Array, z_emb: jax.Array,
+                carry: lstm.Carry
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The state-dependent part of the teacher-forced unroll.
+
+  Args:
+    attention_dim: A, leading columns of `w_h` (the attention query).
+    gate_dim: C, 1 or 0, the gate columns of `w_h` that follow.
+    w_h: [H, A + gate_dim + 4H], every matmul on the previous h.
+    w_ctx: [C, 4H], the context rows of the LSTM weight.
+    small: attention `v` and, with a gate, `gate_b`.
+    features: [B, R, C].
+    features_proj: [B, R, A].
+    z_emb: [T, B, 4H], the embedding part of the LSTM input plus its bias.
+    carry: (h0, c0), each [B, H].
+
+  Returns:
+    (hs [T, B, H], gated contexts [T, B, C], alphas [T, B, R]).
+  """
+  return _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small,
+                         features, features_proj, z_emb, carry)[0]
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
+                   *, dropout_rate: float = 0.0,
+                   rng: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Unrolls the decoder over the ground-truth inputs with `lax.scan`.
+
+  Computes what `decoder.step` computes at every position, rearranged for
+  speed: only the work that depends on the recurrent state stays inside the
+  scan.
+  The embedding half of the LSTM input matmul runs once on all [B*T] inputs
+  before the scan; the three matmuls on the previous `h` (attention query,
+  gate, LSTM recurrence) are one; dropout and the output layer, the biggest
+  matmul ([B, E] @ [E, V]), run once on all [B*T] rows after the scan. Step
+  t's dropout mask is the one `decoder.step` draws with `fold_in(rng, t)`.
+  The scan's backward pass is written by hand (a `jax.custom_vjp`) so that the
+  weight gradients are one matmul over all steps; as with any custom VJP,
+  forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) is not supported.
+
+  Args:
+    params: decoder parameters.
+    features: [B, R, C] region features (positions are added here).
+    tokens_in: [B, T] inputs (BOS followed by the caption).
+    dropout_rate: output dropout rate (only with `rng`).
+    rng: dropout key; each step folds in its time index.
+
+  Returns:
+    (logits [B, T, V], alphas [B, T, R]).
+  """
+  features = decoder.add_positions(params, features)
+  features_proj = decoder.project_features(params, features)
+  carry = decoder.init_state(params, features)
+  fused = fused_weights(params)
+  emb = params["embed"][tokens_in]  # [B, T] -> [B, T, E]
+  # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
+  z_emb = emb.swapaxes(0, 1) @ fused.w_emb + fused.lstm_b
+  attention_dim, gate_dim = _dims(fused.small)
+  hs, contexts, alphas = _recurrence(attention_dim, gate_dim, fused.w_h,
+                                     fused.w_ctx, fused.small, features,
+                                     features_proj, z_emb, carry)
+  if rng is not None and dropout_rate != 0.0:
+    steps = jnp.arange(tokens_in.shape[1])
+    hs = jax.vmap(lambda h, t: decoder.dropout(
+        h, dropout_rate, jax.random.fold_in(rng, t)))(hs, steps)
+  # Batch-major before the output layer, so the [B, T, V] logits come out
+  # in place: [T, B, ...] -> [B, T, ...] on the small tensors only.
+  hs = hs.swapaxes(0, 1)
+  logits = decoder.output_logits(params, emb, hs,
+                                 contexts.swapaxes(0, 1))  # [B, T, V]
+  return logits, alphas.swapaxes(0, 1)
+
+

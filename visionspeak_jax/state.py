@@ -1,0 +1,39 @@
+"""The train state: parameters, BatchNorm statistics, optimizer state, step."""
+
+from typing import Any
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from visionspeak_jax import model
+from visionspeak_jax import optimizer
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       vocab_size: int, *, encoder: bool = True
+                       ) -> TrainState:
+  """Fresh random parameters, BatchNorm statistics and optimizer state.
+
+  Args:
+    rng: PRNG key of the parameters.
+    config: the run config.
+    vocab_size: V.
+    encoder: include the ResNet; False when the data source gives features
+      (`params` is then `{"decoder": ...}` and `batch_stats` empty).
+
+  Returns:
+    The state at step 0.
+  """
+  params, batch_stats = model.init(rng, config, vocab_size, encoder=encoder)
+  state = TrainState.create(apply_fn=None, params=params,
+                            tx=optimizer.create(config, list(params)),
+                            batch_stats=batch_stats)
+  # An array step from the start: a Python int here would make the second
+  # call of the compiled step see a new signature and compile again.
+  return state.replace(step=jnp.zeros((), jnp.int32))
