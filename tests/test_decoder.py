@@ -23,7 +23,8 @@ def test_teacher_forced_scan_equals_python_loop(gate, deep, regions):
   b, r, t = 3, 4, 5
   features = jax.random.normal(jax.random.key(1), (b, r, 6))
   tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
-  logits, alphas = jax.jit(fast_decoder.teacher_forced)(params, features, tokens)
+  logits, alphas = jax.jit(fast_decoder.teacher_forced)(params, features,
+                                                        tokens)
   assert logits.shape == (b, t, 11) and alphas.shape == (b, t, r)
 
   features = decoder.add_positions(params, features)
@@ -61,12 +62,13 @@ def test_dropout_only_with_rng():
   params = _params()
   features = jax.random.normal(jax.random.key(4), (2, 4, 6))
   tokens = jnp.ones((2, 3), jnp.int32)
-  plain, _ = fast_decoder.teacher_forced(params, features, tokens, dropout_rate=0.5)
+  plain, _ = fast_decoder.teacher_forced(params, features, tokens,
+                                         dropout_rate=0.5)
   again, _ = fast_decoder.teacher_forced(params, features, tokens)
   np.testing.assert_array_equal(plain, again)
   dropped, _ = fast_decoder.teacher_forced(params, features, tokens,
-                                      dropout_rate=0.5,
-                                      rng=jax.random.key(5))
+                                           dropout_rate=0.5,
+                                           rng=jax.random.key(5))
   assert not np.allclose(plain, dropped)
 
 

@@ -150,7 +150,7 @@ def test_no_early_stop_while_a_live_beam_can_still_win():
   final = _loop(step_fn, jnp.zeros(1, jnp.int32), 1, 2, 6)
   assert int(final.step) == 6
   assert not bool(final.done.any())
-  assert np.isfinite(np.asarray(final.finished_scores)).all()
+  assert np.isfinite(np.asarray(final.finished.scores)).all()
 
 
 def test_fallback_to_best_live_beam_without_eos():
@@ -161,7 +161,7 @@ def test_fallback_to_best_live_beam_without_eos():
   final = _loop(step_fn, jnp.zeros(1, jnp.int32), 1, 3, length)
   assert int(final.step) == length
   assert not bool(final.done.any())
-  assert not np.isfinite(np.asarray(final.finished_scores)).any()
+  assert not np.isfinite(np.asarray(final.finished.scores)).any()
   out = _beam(step_fn, jnp.zeros(1, jnp.int32), 1, 3, length)
   assert int(out.lengths[0]) == length
   assert EOS not in np.asarray(out.tokens[0])
@@ -245,6 +245,55 @@ def test_alphas_and_scores_follow_the_chosen_beam():
   assert (lengths < length).any() and (lengths == length).any()
 
 
+# What the beam search returned before its rewrite around `Hypotheses`, on
+# `_trigram_step`: (seed, batch, beams, length, length penalty), steps run,
+# tokens, lengths and scores. The first two fall back to a live beam for
+# image 0, the third has an image done while the others search on, the last
+# stops early.
+_BEAM_REFERENCE = [
+    ((1, 3, 2, 6, 0.0), 6,
+     [[B, A, B, B, D, D], [B, D, B, A, EOS, PAD], [B, B, C, EOS, PAD, PAD]],
+     [6, 4, 3], [-3.322293996810913, -2.460071563720703, -2.0464959144592285]),
+    ((1, 3, 3, 6, 1.0), 6,
+     [[B, A, B, B, D, D], [B, D, B, A, EOS, PAD], [B, B, C, EOS, PAD, PAD]],
+     [6, 4, 3],
+     [-1.8121603727340698, -1.4760428667068481, -1.3643306493759155]),
+    ((2, 3, 4, 6, 0.6), 6,
+     [[B, C, EOS, PAD, PAD, PAD], [EOS, PAD, PAD, PAD, PAD, PAD],
+      [C, EOS, PAD, PAD, PAD, PAD]],
+     [2, 0, 1],
+     [-1.5944066047668457, -0.3156716525554657, -1.5706703662872314]),
+    ((3, 2, 2, 8, 0.0), 6,
+     [[EOS] + [PAD] * 7, [A, EOS] + [PAD] * 6],
+     [0, 1], [-1.3150146007537842, -1.2048616409301758]),
+]
+
+
+@pytest.mark.parametrize("config,steps,tokens,lengths,scores",
+                         _BEAM_REFERENCE)
+def test_beam_search_matches_the_saved_reference(config, steps, tokens,
+                                                 lengths, scores):
+  seed, batch, beams, length, penalty = config
+  step_fn, state, _ = _trigram_step(seed, batch)
+  out = _beam(step_fn, state, batch, beams, length, length_penalty=penalty)
+  final = _loop(step_fn, state, batch, beams, length, length_penalty=penalty)
+  assert int(final.step) == steps
+  assert bool(final.done.all()) == (steps < length)
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.lengths, lengths)
+  # The saved float32 scores came from a CPU; the tolerance only allows for
+  # another backend's exp and log.
+  np.testing.assert_allclose(out.scores, np.float32(scores), rtol=1e-6)
+  # Alpha [time, last word, word before last] per emitted token, then zeros.
+  alphas = np.asarray(out.alphas)[:, :, 0]  # [B, L, 1, 3] -> [B, L, 3]
+  for i in range(batch):
+    n = lengths[i] + (EOS in tokens[i])  # emitted tokens
+    history = [BOS, BOS] + tokens[i][:n]
+    expected = np.zeros((length, 3), np.float32)
+    expected[:n] = [[t, history[t + 1], history[t]] for t in range(n)]
+    np.testing.assert_array_equal(alphas[i], expected)
+
+
 def test_beam_answer_does_not_depend_on_the_batch():
   step_fn, state, _ = _trigram_step(1, 3)
   together = _beam(step_fn, state, 3, 3, 6)
@@ -264,6 +313,27 @@ def test_sampling_limits_equal_greedy():
     np.testing.assert_array_equal(out.tokens, greedy.tokens, err_msg=str(kw))
     np.testing.assert_array_equal(out.lengths, greedy.lengths)
     np.testing.assert_allclose(out.scores, greedy.scores, rtol=1e-6)
+
+
+def test_greedy_and_sample_zero_the_alphas_after_eos():
+  batch, length = 6, 6
+  step_fn, state = _random_step(0, batch, length)
+  outs = [_greedy(step_fn, state, batch, length)]
+  rng = jax.random.key(0)
+  outs += [_sample(step_fn, state, batch, length, rng, **kw)
+           for kw in (dict(temperature=1e-3), dict(top_k=1))]
+  for out in outs:
+    tokens, alphas = np.asarray(out.tokens), np.asarray(out.alphas)
+    np.testing.assert_array_equal(tokens, outs[0].tokens)
+    emitted = np.asarray(out.lengths) + (tokens == EOS).any(1)  # [B]
+    assert (emitted < length).any()  # Some caption ends early.
+    for i in range(batch):
+      n = int(emitted[i])
+      # Up to the EOS included: the step's [time, input token] map.
+      history = [BOS] + list(tokens[i, :n - 1])
+      np.testing.assert_array_equal(alphas[i, :n],
+                                    [[t, history[t]] for t in range(n)])
+      np.testing.assert_array_equal(alphas[i, n:], 0)
 
 
 def test_sampling_is_reproducible_per_key():

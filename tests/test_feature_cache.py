@@ -177,7 +177,8 @@ def test_cache_errors(cache_dir, tiny_data_dir, tmp_path):
     feature_cache.open_cache(config, "unused")
 
   config = _config(tiny_data_dir, str(tmp_path / "empty"))
-  with pytest.raises(feature_cache.FeatureCacheError, match="No feature cache in"):
+  with pytest.raises(feature_cache.FeatureCacheError,
+                     match="No feature cache in"):
     feature_cache.open_cache(config, "unused")
 
   broken = str(tmp_path / "broken")

@@ -25,11 +25,66 @@ StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any, jax.Array]]
 
 @flax.struct.dataclass
 class Decoded:
-  """What a decoder returns for a batch."""
-  tokens: jax.Array  # [B, L] int, PAD after EOS
-  scores: jax.Array  # [B] sum of log-probabilities of the chosen words
-  lengths: jax.Array  # [B] words before EOS
-  alphas: jax.Array  # [B, L, R] attention map of every chosen word
+  """What a decoder returns for a batch.
+
+  Every decoder zeros `alphas` after the EOS (and `tokens` hold PAD there),
+  so a caption's attention maps are exactly those of its emitted tokens.
+  """
+  tokens: jax.Array  # [B, L] int32, PAD after EOS
+  scores: jax.Array  # [B] log-prob sum of the words (beam: normalised)
+  lengths: jax.Array  # [B] int32, words before EOS
+  alphas: jax.Array  # [B, L, *R] attention map of each token, 0 after EOS
+
+
+# Picks the next word from a step's float32 logits [B, V], their
+# log-probabilities [B, V] and the step index []: [B] int.
+_ChooseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _decode_one_path(step_fn: StepFn, state: Any, batch_size: int,
+                     max_length: int, choose: _ChooseFn, *, bos_id: int,
+                     eos_id: int, pad_id: int) -> Decoded:
+  """The scan shared by `greedy` and `sample`: one path per image.
+
+  Args:
+    step_fn: the step function.
+    state: initial decoder state.
+    batch_size: B.
+    max_length: L, number of generated tokens (EOS included).
+    choose: picks each step's word (argmax, or a draw).
+    bos_id: first input token.
+    eos_id: end token; later positions become `pad_id`.
+    pad_id: filler after EOS.
+
+  Returns:
+    A `Decoded`; scores sum the model's log-probabilities of the chosen words.
+  """
+
+  def body(carry, t):
+    tokens, state, done, score = carry
+    logits, state, alpha = step_fn(tokens, state)
+    logits = logits.astype(jnp.float32)  # [B, V]
+    logprobs = jax.nn.log_softmax(logits)
+    word = choose(logits, logprobs, t)  # [B]
+    score = score + jnp.where(
+        done, 0.0, jnp.take_along_axis(logprobs, word[:, None], -1)[:, 0])
+    word = jnp.where(done, pad_id, word).astype(jnp.int32)
+    # `done` is still the state before this word, so the EOS keeps its map.
+    alpha = jnp.where(done.reshape((-1,) + (1,) * (alpha.ndim - 1)),
+                      jnp.zeros_like(alpha), alpha)
+    emitted = ~done
+    done = done | (word == eos_id)
+    return (word, state, done, score), (word, alpha,
+                                        emitted & (word != eos_id))
+
+  init = (jnp.full((batch_size,), bos_id, jnp.int32), state,
+          jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,)))
+  (_, _, _, score), (tokens, alphas, is_word) = jax.lax.scan(
+      body, init, jnp.arange(max_length))
+  # Time-major back to batch-major: [L, B, ...] -> [B, L, ...].
+  return Decoded(tokens=tokens.T, scores=score,
+                 lengths=is_word.sum(0).astype(jnp.int32),
+                 alphas=alphas.swapaxes(0, 1))
 
 
 def greedy(step_fn: StepFn, state: Any, batch_size: int, max_length: int, *,
@@ -46,30 +101,15 @@ def greedy(step_fn: StepFn, state: Any, batch_size: int, max_length: int, *,
     pad_id: filler after EOS.
 
   Returns:
-    A `Decoded`.
+    A `Decoded`; alphas are zeros after EOS.
   """
-
-  def body(carry, _):
-    tokens, state, done, score = carry
-    logits, state, alpha = step_fn(tokens, state)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))  # [B, V]
-    best = logprobs.argmax(-1)  # [B]
-    score = score + jnp.where(done, 0.0,
-                              jnp.take_along_axis(logprobs, best[:, None],
-                                                  -1)[:, 0])
-    best = jnp.where(done, pad_id, best)
-    emitted = ~done
-    done = done | (best == eos_id)
-    return (best, state, done, score), (best, alpha, emitted & (best != eos_id))
-
-  init = (jnp.full((batch_size,), bos_id, jnp.int32), state,
-          jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,)))
-  (_, _, _, score), (tokens, alphas, is_word) = jax.lax.scan(
-      body, init, None, length=max_length)
-  # Time-major back to batch-major: [L, B, ...] -> [B, L, ...].
-  return Decoded(tokens=tokens.T.astype(jnp.int32), scores=score,
-                 lengths=is_word.sum(0).astype(jnp.int32),
-                 alphas=alphas.swapaxes(0, 1))
+  # The argmax of the log-probabilities, not of the logits: subtracting the
+  # log-normaliser can round two logits to a tie, which then goes to the
+  # lower index.
+  return _decode_one_path(
+      step_fn, state, batch_size, max_length,
+      lambda logits, logprobs, t: logprobs.argmax(-1),
+      bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
 
 
 def _length_penalty(length: jax.Array | int, exponent: float) -> jax.Array:
@@ -77,9 +117,18 @@ def _length_penalty(length: jax.Array | int, exponent: float) -> jax.Array:
   return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** exponent
 
 
-def _gather_beams(x: jax.Array, beam_idx: jax.Array) -> jax.Array:
-  """Picks beams per image: [B, K_old, ...], [B, K_new] -> [B, K_new, ...]."""
-  return jax.vmap(lambda xb, ib: xb[ib])(x, beam_idx)
+def _gather_beams(tree: Any, beam_idx: jax.Array) -> Any:
+  """Picks beams per image in every leaf of `tree`.
+
+  Args:
+    tree: a pytree (a `Hypotheses`, an array...) of [B, K_old, ...] leaves.
+    beam_idx: [B, K_new] int, the old beam of each new one.
+
+  Returns:
+    The same pytree with [B, K_new, ...] leaves.
+  """
+  return jax.tree.map(
+      lambda x: jax.vmap(lambda xb, ib: xb[ib])(x, beam_idx), tree)
 
 
 def _flat_to_beams(x: jax.Array, batch_size: int) -> jax.Array:
@@ -98,8 +147,8 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   has a maximum below the k-th best), so only those k blocks are searched.
   Taking the blocks in index order keeps top_k's rule that ties go to the
   lower index, so values and indices equal `jax.lax.top_k`'s. On a CPU this
-  is about 3-4x faster at V = 10000, where `lax.top_k`'s one full pass
-  dominates a beam search step.
+  is several times faster at V = 10000, where `lax.top_k`'s one full pass
+  would dominate a beam search step (benchmarks/README.md).
 
   Args:
     x: [N, V] scores.
@@ -130,23 +179,156 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 @flax.struct.dataclass
+class Hypotheses:
+  """K hypotheses per image, best first: the live set or the finished set.
+
+  Live hypotheses have `scores` that are raw log-prob sums, `lengths` equal
+  to the words so far (the step), PAD tokens and zero alphas from the step
+  on. Finished hypotheses have length-normalised scores (see
+  `beam_search_loop`), `lengths` counting the words before the EOS, PAD
+  tokens and zero alphas after it. A score of -inf marks an empty slot,
+  whose other fields mean nothing.
+  """
+  tokens: jax.Array  # [B, K, L] int32
+  scores: jax.Array  # [B, K] float32, -inf for an empty slot
+  lengths: jax.Array  # [B, K] int32, words (EOS not counted)
+  alphas: jax.Array  # [B, K, L, *R] the step function's alpha per token
+
+
+@flax.struct.dataclass
 class BeamState:
   """The carry of the beam-search loop.
 
   B images, K beams per image, L = max_length, R the trailing shape of the
-  step function's alpha. Live and finished beams are both sorted best first.
+  step function's alpha.
   """
   step: jax.Array  # [] int32, tokens generated so far
   last_tokens: jax.Array  # [B, K] int32, input of the next step
-  live_tokens: jax.Array  # [B, K, L] int32, PAD from `step` on
-  live_scores: jax.Array  # [B, K] raw log-prob sums, -inf for an empty beam
-  live_alphas: jax.Array  # [B, K, L, *R], zeros from `step` on
+  live: Hypotheses  # raw scores; empty beams at -inf
+  finished: Hypotheses  # normalised scores; free slots at -inf
   cache: Any  # step-function state, every leaf [B*K, ...]
-  finished_tokens: jax.Array  # [B, K, L] int32, words, EOS, then PAD
-  finished_scores: jax.Array  # [B, K] length-normalised, -inf for a free slot
-  finished_lengths: jax.Array  # [B, K] int32, words before EOS
-  finished_alphas: jax.Array  # [B, K, L, *R], zeros after EOS
   done: jax.Array  # [B] bool, no live beam can enter the finished set
+
+
+def _init_hypotheses(b: int, k: int, l: int, alpha_tail: tuple[int, ...],
+                     dtype: Any, pad_id: int) -> Hypotheses:
+  """K empty slots per image: PAD tokens, -inf scores, zero alphas."""
+  return Hypotheses(
+      tokens=jnp.full((b, k, l), pad_id, jnp.int32),
+      scores=jnp.full((b, k), -jnp.inf),
+      lengths=jnp.zeros((b, k), jnp.int32),
+      alphas=jnp.zeros((b, k, l) + tuple(alpha_tail), dtype))
+
+
+def _best_candidates(live_scores: jax.Array, logits: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Ranks every extension of every live beam; keeps the best 2K per image.
+
+  Args:
+    live_scores: [B, K] raw log-prob sums of the live beams.
+    logits: [B*K, V] the step's logits, row b * K + k for beam k of image b.
+
+  Returns:
+    (scores [B, C] raw log-prob sums, best first; parent [B, C] live beam
+    extended; word [B, C] int32 word added), C = min(2K, K * V).
+  """
+  b, k = live_scores.shape
+  vocab_size = logits.shape[-1]
+  num_words = min(2 * k, vocab_size)  # Per beam: enough for 2K per image.
+  logits = logits.astype(jnp.float32)  # [B*K, V]
+  # A beam's best 2K words hold all of its candidates that can make its
+  # image's best 2K, so only they are normalised (as log_softmax does it)
+  # and ranked.
+  word_logits, words = top_k(logits, num_words)  # [B*K, V] -> [B*K, 2K]
+  shift = logits.max(-1, keepdims=True)
+  logprobs = (word_logits - shift) - jnp.log(
+      jnp.exp(logits - shift).sum(-1, keepdims=True))
+  scores = live_scores[:, :, None] + _flat_to_beams(logprobs, b)  # [B, K, 2K]
+  top_scores, top_idx = jax.lax.top_k(scores.reshape(b, k * num_words),
+                                      min(2 * k, k * vocab_size))  # [B, C]
+  word = jnp.take_along_axis(words.reshape(b, k * num_words), top_idx, 1)
+  return top_scores, top_idx // num_words, word.astype(jnp.int32)
+
+
+def _grow(live: Hypotheses, parent: jax.Array, scores: jax.Array,
+          word: jax.Array, alpha: jax.Array, step: jax.Array) -> Hypotheses:
+  """The candidates: their parents' histories with this step's word added.
+
+  Args:
+    live: the live set.
+    parent: [B, C] live beam each candidate extends.
+    scores: [B, C] raw log-prob sums of the candidates.
+    word: [B, C] int32 word each candidate adds.
+    alpha: [B, K, *R] this step's alpha of every live beam.
+    step: [] int32 position of the new word.
+
+  Returns:
+    C candidates per image, shaped as live hypotheses of `step + 1` words.
+  """
+  grown, alpha = _gather_beams((live, alpha), parent)
+  return grown.replace(tokens=grown.tokens.at[:, :, step].set(word),
+                       scores=scores,
+                       lengths=grown.lengths + 1,
+                       alphas=grown.alphas.at[:, :, step].set(alpha))
+
+
+def _merge_finished(finished: Hypotheses, candidates: Hypotheses,
+                    ends: jax.Array, step: jax.Array, length_penalty: float,
+                    frozen: jax.Array) -> Hypotheses:
+  """Moves the candidates that end into the finished set; keeps the best K.
+
+  Args:
+    finished: the finished set.
+    candidates: this step's candidates from `_grow`, [B, C, ...].
+    ends: [B, C] bool, candidates whose word (at `step`) is an EOS that ends.
+    step: [] int32, position of that EOS.
+    length_penalty: GNMT exponent.
+    frozen: [B] bool, images whose finished set stays as it is.
+
+  Returns:
+    The new finished set.
+  """
+  k = finished.scores.shape[1]
+  # The EOS counts in the length penalty but is not a word.
+  ending = candidates.replace(
+      scores=jnp.where(ends, candidates.scores / _length_penalty(
+          step + 1, length_penalty), -jnp.inf),
+      lengths=candidates.lengths - 1)
+  # Old first so that top_k's ties keep them.
+  merged = jax.tree.map(lambda old, new: jnp.concatenate([old, new], 1),
+                        finished, ending)  # [B, K + C, ...]
+  _, best = jax.lax.top_k(merged.scores, k)  # [B, K + C] -> [B, K]
+  merged = _gather_beams(merged, best)
+  # A done image keeps its finished set as it is, so its answer does not
+  # depend on how long the other images in the batch keep searching.
+  return jax.tree.map(
+      lambda old, new: jnp.where(
+          frozen.reshape((-1,) + (1,) * (new.ndim - 1)), old, new),
+      finished, merged)
+
+
+def _select_live(candidates: Hypotheses, is_eos: jax.Array, k: int
+                 ) -> tuple[Hypotheses, jax.Array]:
+  """The best K candidates that did not end: (live set, indices [B, K])."""
+  scores, idx = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, candidates.scores),
+                              k)  # [B, C] -> [B, K]
+  # The masked scores, not the gathered ones: with fewer than K words that
+  # are not EOS, an EOS candidate fills a slot and must stay empty.
+  return _gather_beams(candidates, idx).replace(scores=scores), idx
+
+
+def _best_reachable(live_scores: jax.Array, step: jax.Array, max_length: int,
+                    length_penalty: float) -> jax.Array:
+  """Bounds the normalised score any live beam can still end with: [B].
+
+  A live beam can still end with any length from step + 1 to L. Dividing
+  its raw score (<= 0, and only falling) by the largest penalty over that
+  range bounds every normalised score it can reach; the penalty is
+  monotone in length, so the largest sits at one end.
+  """
+  worst_penalty = jnp.maximum(_length_penalty(step + 1, length_penalty),
+                              _length_penalty(max_length, length_penalty))
+  return live_scores.max(-1) / worst_penalty  # [B, K] -> [B]
 
 
 def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
@@ -194,114 +376,45 @@ def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
   # Step 0: the K beams of an image would all be the same (BOS and the
   # initial state), so the step runs on one row per image.
   logits, cache, alpha = step_fn(jnp.full((b,), bos_id, jnp.int32), state)
-  vocab_size = logits.shape[-1]
-  num_candidates = min(2 * k, k * vocab_size)
-  num_words = min(2 * k, vocab_size)  # Per beam: enough for 2K per image.
-
-  # A live beam can still end with any length from step + 1 to L. Dividing
-  # its raw score (<= 0, and only falling) by the largest penalty over that
-  # range bounds every normalised score it can reach; the penalty is
-  # monotone in length, so the largest sits at one end.
-  def best_reachable(live_scores, step):
-    worst_penalty = jnp.maximum(_length_penalty(step + 1, length_penalty),
-                                _length_penalty(l, length_penalty))
-    return live_scores.max(-1) / worst_penalty  # [B, K] -> [B]
-
-  def cond(s: BeamState):
-    return (s.step < l) & ~s.done.all()
 
   def expand(s: BeamState, logits, cache, alpha) -> BeamState:
     """Extends every live beam by the step's words: [B*K] rows in."""
     t = s.step
-    logits = logits.astype(jnp.float32)  # [B*K, V]
-    # A beam's best 2K words hold all of its candidates that can make its
-    # image's best 2K, so only they are normalised (as log_softmax does it)
-    # and ranked.
-    word_logits, words = top_k(logits, num_words)  # [B*K, V] -> [B*K, 2K]
-    shift = logits.max(-1, keepdims=True)
-    logprobs = (word_logits - shift) - jnp.log(
-        jnp.exp(logits - shift).sum(-1, keepdims=True))
-    alpha = _flat_to_beams(alpha, b)  # [B*K, *R] -> [B, K, *R]
-    scores = s.live_scores[:, :, None] + _flat_to_beams(logprobs, b)
-    top_scores, top_idx = jax.lax.top_k(scores.reshape(b, k * num_words),
-                                        num_candidates)  # [B, 2K]
-    parent = top_idx // num_words  # [B, 2K]
-    word = jnp.take_along_axis(words.reshape(b, k * num_words), top_idx,
-                               1).astype(jnp.int32)  # [B, 2K]
-    # Candidate histories: the parent's, with this step's word and alpha.
-    cand_tokens = _gather_beams(s.live_tokens, parent).at[:, :, t].set(word)
-    cand_alphas = _gather_beams(s.live_alphas, parent).at[:, :, t].set(
-        _gather_beams(alpha, parent))  # [B, 2K, L, *R]
-
-    # Finished set: merge the old K with the new endings, keep the best K.
-    # The old ones come first so that top_k's ties keep them.
+    scores, parent, word = _best_candidates(s.live.scores, logits)  # [B, 2K]
+    candidates = _grow(s.live, parent, scores, word, _flat_to_beams(alpha, b),
+                       t)
     is_eos = word == eos_id
-    ends = is_eos & (jnp.arange(num_candidates) < k) & (top_scores > -jnp.inf)
-    new_scores = jnp.where(ends, top_scores / _length_penalty(
-        t + 1, length_penalty), -jnp.inf)  # [B, 2K]
-    merged_scores = jnp.concatenate([s.finished_scores, new_scores], 1)
-    fin_scores, fin_idx = jax.lax.top_k(merged_scores, k)  # [B, 3K] -> [B, K]
-
-    def merge(old, new):
-      return _gather_beams(jnp.concatenate([old, new], 1), fin_idx)
-
-    new_lengths = jnp.full((b, num_candidates), t, jnp.int32)
-    fin = dict(
-        finished_tokens=merge(s.finished_tokens, cand_tokens),
-        finished_scores=fin_scores,
-        finished_lengths=merge(s.finished_lengths, new_lengths),
-        finished_alphas=merge(s.finished_alphas, cand_alphas))
-    # A done image keeps its finished set as it is, so its answer does not
-    # depend on how long the other images in the batch keep searching.
-    old_fin = dict(finished_tokens=s.finished_tokens,
-                   finished_scores=s.finished_scores,
-                   finished_lengths=s.finished_lengths,
-                   finished_alphas=s.finished_alphas)
-    fin = jax.tree.map(
-        lambda new, old: jnp.where(
-            s.done.reshape((b,) + (1,) * (new.ndim - 1)), old, new),
-        fin, old_fin)
-
-    # Live set: the best K candidates that did not end.
-    live_scores, live_idx = jax.lax.top_k(
-        jnp.where(is_eos, -jnp.inf, top_scores), k)  # [B, 2K] -> [B, K]
-    live_parent = jnp.take_along_axis(parent, live_idx, 1)  # [B, K]
+    ends = is_eos & (jnp.arange(scores.shape[1]) < k) & (scores > -jnp.inf)
+    finished = _merge_finished(s.finished, candidates, ends, t,
+                               length_penalty, s.done)
+    live, idx = _select_live(candidates, is_eos, k)
+    live_parent = jnp.take_along_axis(parent, idx, 1)  # [B, K]
     cache = jax.tree.map(
         lambda x: _beams_to_flat(_gather_beams(_flat_to_beams(x, b),
                                                live_parent)), cache)
-
     # The finished set is full (a free slot is -inf) and no live beam can
     # beat its worst member: nothing can change this image's answer.
-    done = s.done | (best_reachable(live_scores, t + 1)
-                     <= fin["finished_scores"].min(-1))
-    return BeamState(
-        step=t + 1,
-        last_tokens=jnp.take_along_axis(word, live_idx, 1),
-        live_tokens=_gather_beams(cand_tokens, live_idx),
-        live_scores=live_scores,
-        live_alphas=_gather_beams(cand_alphas, live_idx),
-        cache=cache,
-        done=done,
-        **fin)
+    done = s.done | (_best_reachable(live.scores, t + 1, l, length_penalty)
+                     <= finished.scores.min(-1))
+    return BeamState(step=t + 1, last_tokens=live.tokens[:, :, t], live=live,
+                     finished=finished, cache=cache, done=done)
+
+  def cond(s: BeamState):
+    return (s.step < l) & ~s.done.all()
 
   def body(s: BeamState) -> BeamState:
     return expand(s, *step_fn(s.last_tokens.reshape(-1), s.cache))
 
-  # Only beam 0 is live at the start; the others would copy it.
-  live_scores = jnp.full((b, k), -jnp.inf).at[:, 0].set(0.0)
-  alpha_tail = alpha.shape[1:]
+  empty = _init_hypotheses(b, k, l, alpha.shape[1:], alpha.dtype, pad_id)
   init = BeamState(
       step=jnp.array(0, jnp.int32),
       last_tokens=jnp.full((b, k), bos_id, jnp.int32),
-      live_tokens=jnp.full((b, k, l), pad_id, jnp.int32),
-      live_scores=live_scores,
-      live_alphas=jnp.zeros((b, k, l) + alpha_tail, alpha.dtype),
+      # Only beam 0 is live at the start; the others would copy it.
+      live=empty.replace(scores=empty.scores.at[:, 0].set(0.0)),
+      finished=empty,
       cache=None,  # Set by the first expansion.
-      finished_tokens=jnp.full((b, k, l), pad_id, jnp.int32),
-      finished_scores=jnp.full((b, k), -jnp.inf),
-      finished_lengths=jnp.zeros((b, k), jnp.int32),
-      finished_alphas=jnp.zeros((b, k, l) + alpha_tail, alpha.dtype),
       done=jnp.zeros((b,), bool))
+
   def tile(x):  # Beam-major, [B, ...] -> [B*K, ...]: row b * K + k.
     return jnp.repeat(x, k, axis=0)
 
@@ -342,19 +455,17 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int,
   s = beam_search_loop(step_fn, state, batch_size, beam_size, max_length,
                        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
                        length_penalty=length_penalty)
-  has_finished = s.finished_scores[:, 0] > -jnp.inf  # [B]
-  fallback_score = s.live_scores[:, 0] / _length_penalty(s.step,
+  has_finished = s.finished.scores[:, 0] > -jnp.inf  # [B]
+  # Best finished hypothesis, else best live one (its length is the step).
+  best = jax.tree.map(
+      lambda fin, live: jnp.where(
+          has_finished.reshape((-1,) + (1,) * (fin.ndim - 2)),
+          fin[:, 0], live[:, 0]), s.finished, s.live)
+  fallback_score = s.live.scores[:, 0] / _length_penalty(s.step,
                                                          length_penalty)
-
-  def pick(finished, live):  # best finished, else best live: [B, K, ...]
-    cond = has_finished.reshape((-1,) + (1,) * (finished.ndim - 2))
-    return jnp.where(cond, finished[:, 0], live[:, 0])
-
-  return Decoded(
-      tokens=pick(s.finished_tokens, s.live_tokens),
-      scores=jnp.where(has_finished, s.finished_scores[:, 0], fallback_score),
-      lengths=jnp.where(has_finished, s.finished_lengths[:, 0], s.step),
-      alphas=pick(s.finished_alphas, s.live_alphas))
+  return Decoded(tokens=best.tokens,
+                 scores=jnp.where(has_finished, best.scores, fallback_score),
+                 lengths=best.lengths, alphas=best.alphas)
 
 
 def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -427,28 +538,10 @@ def sample(step_fn: StepFn, state: Any, batch_size: int, max_length: int,
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p}.")
 
-  def body(carry, t):
-    tokens, state, done, score = carry
-    logits, state, alpha = step_fn(tokens, state)
-    logits = logits.astype(jnp.float32)  # [B, V]
-    logprobs = jax.nn.log_softmax(logits)
+  def draw(logits, logprobs, t):
+    del logprobs  # The filters work on the tempered logits.
     filtered = _filter_logits(logits / temperature, top_k, top_p)
-    word = jax.random.categorical(jax.random.fold_in(rng, t), filtered)  # [B]
-    score = score + jnp.where(
-        done, 0.0, jnp.take_along_axis(logprobs, word[:, None], -1)[:, 0])
-    word = jnp.where(done, pad_id, word).astype(jnp.int32)
-    alpha = jnp.where(done.reshape((-1,) + (1,) * (alpha.ndim - 1)),
-                      jnp.zeros_like(alpha), alpha)
-    emitted = ~done
-    done = done | (word == eos_id)
-    return (word, state, done, score), (word, alpha,
-                                        emitted & (word != eos_id))
+    return jax.random.categorical(jax.random.fold_in(rng, t), filtered)
 
-  init = (jnp.full((batch_size,), bos_id, jnp.int32), state,
-          jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,)))
-  (_, _, _, score), (tokens, alphas, is_word) = jax.lax.scan(
-      body, init, jnp.arange(max_length))
-  # Time-major back to batch-major: [L, B, ...] -> [B, L, ...].
-  return Decoded(tokens=tokens.T, scores=score,
-                 lengths=is_word.sum(0).astype(jnp.int32),
-                 alphas=alphas.swapaxes(0, 1))
+  return _decode_one_path(step_fn, state, batch_size, max_length, draw,
+                          bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)

@@ -44,12 +44,10 @@ def normalize_images(images: jax.Array) -> jax.Array:
 
 def grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(h, w) of the encoder's spatial map at `config.image_size` (shapes only)."""
-  encoder = create_encoder(config)
   size = config.image_size
   spatial = jax.eval_shape(
-      lambda: encoder.apply(
-          encoder.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                       train=False),
+      lambda: create_encoder(config).apply(
+          init_encoder(jax.random.key(0), config),
           jnp.zeros((1, size, size, 3))))["spatial"]
   return spatial.shape[1], spatial.shape[2]
 

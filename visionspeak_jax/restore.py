@@ -124,10 +124,11 @@ def run_encoder(config: ml_collections.ConfigDict, run: Run
     checkpoint.CheckpointError: the run has no encoder, or another one.
   """
   if "encoder" not in run.params or _resnet(run.config) != _resnet(config):
+    size, width, stem = _resnet(config)
     raise CheckpointError(
-        f"The checkpoint in {run.directory} holds no ResNet-{_resnet(config)[0]}"
-        f" encoder (width {_resnet(config)[1]}, {_resnet(config)[2]} stem): "
-        "use that run's config, or pass --config.model.pretrained_path.")
+        f"The checkpoint in {run.directory} holds no ResNet-{size} encoder "
+        f"(width {width}, {stem} stem): use that run's config, or pass "
+        "--config.model.pretrained_path.")
   return {"params": run.params["encoder"], "batch_stats": run.batch_stats}
 
 

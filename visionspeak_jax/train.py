@@ -116,8 +116,7 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
 
 def compile_steps(config: ml_collections.ConfigDict,
                   devices: list[jax.Device] | None = None):
-  """The pmapped train step and predict function; the state is never
-  replicated.
+  """The pmapped train step and predict function; no state is replicated.
 
   Args:
     config: the run config.
