@@ -18,6 +18,7 @@ import pytest
 
 from configs import tiny
 from visionspeak_jax import caption
+from visionspeak_jax import errors
 from visionspeak_jax import figures
 from visionspeak_jax import images as images_lib
 from visionspeak_jax import vocabulary as vocab_lib
@@ -319,7 +320,7 @@ def test_bfloat16_decoding(captioner, run_dir, inputs):
   for result in results:
     assert result.alphas.shape == (len(result.words),) + captioner.grid
     assert np.isfinite(result.score)
-  with pytest.raises(ValueError, match="decode_dtype must be one of"):
+  with pytest.raises(errors.ConfigError, match="decode_dtype must be one of"):
     caption.caption_arrays(captioner, images, beam_size=1, batch_size=2,
                            decode_dtype="float16")
   out = io.StringIO()

@@ -14,6 +14,7 @@ from configs import tiny
 from visionspeak_jax import caption
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import data
+from visionspeak_jax import errors
 from visionspeak_jax import extraction
 from visionspeak_jax import feature_cache
 from visionspeak_jax import pretrained
@@ -196,5 +197,6 @@ def test_cache_errors(cache_dir, tiny_data_dir, tmp_path):
     extraction.extract(config, str(tmp_path / "no_run"))
 
   config.data_source = "frozen"
-  with pytest.raises(ValueError, match="Unknown data_source 'frozen'"):
+  with pytest.raises(errors.ConfigError,
+                     match="Unknown data_source 'frozen'"):
     data.create(config, "unused")

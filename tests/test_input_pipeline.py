@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from configs import coco
 from configs import tiny
+from visionspeak_jax import errors
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import vocabulary as vocab_lib
 
@@ -156,6 +157,6 @@ def test_batch_size_must_divide_over_processes(tiny_data_dir):
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
   vocab = vocab_lib.Vocabulary.build(["a red circle"])
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(errors.ConfigError, match="divisible"):
     input_pipeline.TfdsSource(config).train_dataset(
         vocab, seed=0, process_index=0, process_count=3)

@@ -7,9 +7,13 @@ the features it trained on), so a checkpoint directory alone is enough to
 rebuild the model and caption images.
 """
 
+import logging as pylogging
 import os
-from typing import Any
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
 
+from absl import logging
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -18,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from visionspeak_jax import errors
 from visionspeak_jax import vocabulary as vocab_lib
 
 
@@ -49,7 +54,45 @@ def _to_local(tree: Any) -> Any:
       if isinstance(x, jax.Array) else x, tree)
 
 
-class CheckpointError(RuntimeError):
+T = TypeVar("T")
+_quieted = False
+
+
+def describe_failure(e: Exception) -> str:
+  """A short `Type: first line` of a failed read, for one-line messages."""
+  line = (str(e).strip().splitlines() or [""])[0]
+  # TensorStore appends its whole spec after this.
+  line = line.split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {line[:200]}"
+
+
+def quiet_failed_reads() -> None:
+  """Silences the echoes of a restore that failed on damaged files.
+
+  The failing read ends Orbax's event loop while other TensorStore reads
+  are still in flight; each of them then reports its own failure or "Event
+  loop is closed" as an unraisable exception with a traceback, and asyncio
+  logs the abandoned gather. The damage itself is reported in one line by
+  the caller; unraisables from elsewhere still print.
+  """
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if not any(part in frame.filename for frame in frames
+               for part in ("/orbax/", "/asyncio/")):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  pylogging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
+
+
+class CheckpointError(errors.UserError):
   """A checkpoint that cannot be used, with a message that says what to do."""
 
 
@@ -79,11 +122,16 @@ class Checkpointer:
         (passed to `save`) instead of the newest ones.
     """
     self.directory = os.path.abspath(directory)
+    # Before any read: the echoes of a failed one come from other threads.
+    quiet_failed_reads()
+    # A save cut short by a kill leaves a temporary folder, never a step:
+    # clear those away.
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True)
+                                           create=True,
+                                           cleanup_tmp_directories=True)
     if best_metric is not None:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True,
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
           best_fn=lambda metrics: metrics[best_metric], best_mode="max")
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -154,6 +202,46 @@ class Checkpointer:
         vocab=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     return (vocab_lib.Vocabulary.from_json(restored["vocab"]),
             ml_collections.ConfigDict(restored["config"]))
+
+  def restore_newest_intact(self, restore: Callable[[int], T]
+                            ) -> tuple[int, T] | None:
+    """`restore(step)` on the newest step that can be read.
+
+    A step that fails to restore (a truncated or missing file) is logged and
+    the one before it tried, so one damaged checkpoint does not end a run.
+    A `UserError` from `restore` (e.g. a config that does not fit) is not
+    damage and stops the search.
+
+    Args:
+      restore: reads one step; called newest first.
+
+    Returns:
+      (step, what `restore` returned), or None when there is no checkpoint.
+
+    Raises:
+      CheckpointError: every saved step is damaged.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    first_failure = None
+    for step in steps:
+      try:
+        return step, restore(step)
+      except errors.UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax, TensorStore and the JSON reader report damage in many ways.
+        detail = describe_failure(e)
+        first_failure = first_failure or f"step {step}: {detail}"
+        logging.warning("The checkpoint of step %d in %s is damaged (%s)%s",
+                        step, self.directory, detail,
+                        "; trying the one before it." if step != steps[-1]
+                        else ".")
+    if first_failure is None:
+      return None
+    raise CheckpointError(
+        f"No intact checkpoint in {self.directory} (steps "
+        f"{', '.join(map(str, steps))} are all damaged; {first_failure}): "
+        "move that directory away to start afresh.")
 
   def restore_info(self, step: int | None = None) -> dict[str, Any]:
     """The `info` record saved with a checkpoint ({} when there is none)."""

@@ -15,12 +15,11 @@ from typing import Any, Iterator, Protocol
 import ml_collections
 import tensorflow as tf
 
+from visionspeak_jax import config_checks
+from visionspeak_jax import errors
 from visionspeak_jax import feature_cache
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import vocabulary as vocab_lib
-
-DATA_SOURCES = ("tfds", "feature_cache")
-
 
 class DataSource(Protocol):
   """What training and evaluation read."""
@@ -36,9 +35,14 @@ class DataSource(Protocol):
     """Every reference caption of a split (for the vocabulary)."""
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
+                    skip_batches: int = 0,
                     process_index: int | None = None,
                     process_count: int | None = None) -> tf.data.Dataset:
-    """Endless batches of this process's share: `input_key` and `tokens`."""
+    """Endless batches of this process's share: `input_key` and `tokens`.
+
+    The order is a function of `seed`; a run resumed at step s passes
+    `skip_batches=s` and reads what the uninterrupted run would have.
+    """
 
   def eval_examples(self, split: str, num_examples: int = -1
                     ) -> Iterator[input_pipeline.EvalExample]:
@@ -56,6 +60,6 @@ def create(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
     return input_pipeline.TfdsSource(config)
   if config.data_source == "feature_cache":
     return feature_cache.open_cache(config, workdir)
-  raise ValueError(f"Unknown data_source {config.data_source!r}: set "
-                   f"--config.data_source to one of "
-                   f"{', '.join(DATA_SOURCES)}.")
+  raise errors.ConfigError(
+      f"Unknown data_source {config.data_source!r}: set --config.data_source "
+      f"to one of {', '.join(config_checks.DATA_SOURCES)}.")

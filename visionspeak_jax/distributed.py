@@ -15,6 +15,8 @@ from absl import logging
 import jax
 import ml_collections
 
+from visionspeak_jax import errors
+
 MODES = ("auto", "yes", "no")
 
 
@@ -41,18 +43,18 @@ def initialize(config: ml_collections.ConfigDict, environ=None) -> bool:
     Whether `jax.distributed.initialize` was called.
 
   Raises:
-    ValueError: an unknown mode or an incomplete explicit cluster.
+    errors.ConfigError: an unknown mode or an incomplete explicit cluster.
   """
   mode = config.distributed
   if mode not in MODES:
-    raise ValueError(f"config.distributed must be one of {MODES}, got "
-                     f"{mode!r}.")
+    raise errors.ConfigError(f"config.distributed must be one of {MODES}, "
+                             f"got {mode!r}.")
   if mode == "no":
     return False
   if config.coordinator_address:
     if config.num_processes < 1 or not (
         0 <= config.process_id < config.num_processes):
-      raise ValueError(
+      raise errors.ConfigError(
           "With --config.coordinator_address, also set "
           "--config.num_processes (>= 1) and --config.process_id "
           "(0 .. num_processes - 1).")

@@ -12,8 +12,6 @@ checkpoint in --workdir, else (only with --config.extract_random_encoder) a
 random init. The cache goes to --config.feature_cache_dir or WORKDIR/features.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -33,13 +31,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  runtime.start(FLAGS.config)
-  try:
-    directory = extraction.extract(FLAGS.config, FLAGS.workdir)
-  except runtime.USER_ERRORS as e:
-    sys.exit(f"error: {e}")
+  directory = runtime.run(
+      lambda: FLAGS.config,
+      lambda config: extraction.extract(config, FLAGS.workdir))
   logging.info("Features written to %s.", directory)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

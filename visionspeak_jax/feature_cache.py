@@ -249,6 +249,7 @@ class FeatureCache:
         yield t.decode("utf-8")
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
+                    skip_batches: int = 0,
                     process_index: int | None = None,
                     process_count: int | None = None) -> tf.data.Dataset:
     """An endless stream of this process's training batches of features.
@@ -256,6 +257,7 @@ class FeatureCache:
     Args:
       vocab: the vocabulary.
       seed: seeds shuffling and the choice of reference caption.
+      skip_batches: batches a resumed run already trained on.
       process_index: this process (default: `jax.process_index()`).
       process_count: processes (default: `jax.process_count()`).
 
@@ -276,7 +278,8 @@ class FeatureCache:
     ds = ds.map(lambda ex: {"features": ex["features"],
                             "texts": ex["captions"]})
     return input_pipeline.sample_captions(ds, config, vocab, seed=seed,
-                                          process_count=process_count)
+                                          process_count=process_count,
+                                          skip_batches=skip_batches)
 
   def eval_examples(self, split: str, num_examples: int = -1
                     ) -> Iterator[input_pipeline.EvalExample]:

@@ -20,13 +20,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from visionspeak_jax import errors
 from visionspeak_jax import vocabulary as vocab_lib
 
 # Datasets this package can generate itself; anything else must be prepared.
 _LOCAL_DATASETS = ("shapes_captions",)
 
 
-class DataError(RuntimeError):
+class DataError(errors.UserError):
   """A dataset that cannot be used, with a message that says what to do."""
 
 
@@ -113,25 +114,31 @@ def process_share(config: ml_collections.ConfigDict,
   """(this process, processes), defaulting to JAX's; checks the batch splits.
 
   Raises:
-    ValueError: the global batch does not divide over the processes.
+    errors.ConfigError: the global batch does not divide over the processes.
   """
   process_index = (jax.process_index() if process_index is None
                    else process_index)
   process_count = (jax.process_count() if process_count is None
                    else process_count)
   if config.batch_size % process_count:
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
-                     f"the number of processes {process_count}.")
+    raise errors.ConfigError(
+        f"batch_size {config.batch_size} must be divisible by the number of "
+        f"processes {process_count}.")
   return process_index, process_count
 
 
 def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
                     vocab: vocab_lib.Vocabulary, *, seed: int,
-                    process_count: int) -> tf.data.Dataset:
+                    process_count: int,
+                    skip_batches: int = 0) -> tf.data.Dataset:
   """Examples with all their `texts` -> endless batches, one caption each.
 
   Shared by the image and the cached-feature pipelines: optional in-memory
   cache, shuffle, repeat, then a new reference caption per visit, encoded.
+  The stream is a function of `seed` alone (file order, shuffle buffer and
+  caption choice are all seeded, and every stage keeps its order), so a run
+  resumed at step s reads exactly the batches s, s + 1, ... of the run it
+  continues.
 
   Args:
     ds: examples; `texts` is a [N > 0] string tensor, the rest is kept.
@@ -139,6 +146,8 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
     vocab: the vocabulary.
     seed: seeds shuffling and the choice of caption.
     process_count: processes sharing the global batch.
+    skip_batches: batches already consumed (a resumed run's step); they are
+      skipped before their captions are encoded.
 
   Returns:
     Batches of this process's share, with `tokens` int32
@@ -159,9 +168,11 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
 
   if config.cache_train_images:
     ds = ds.cache()
+  local_batch = config.batch_size // process_count
   ds = ds.shuffle(config.shuffle_buffer_size, seed=seed).repeat()
-  ds = ds.enumerate().map(pick_caption, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  ds = ds.enumerate().skip(skip_batches * local_batch)
+  ds = ds.map(pick_caption, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -206,6 +217,7 @@ class TfdsSource:
     return (c.decode("utf-8") for texts in tfds.as_numpy(ds) for c in texts)
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
+                    skip_batches: int = 0,
                     process_index: int | None = None,
                     process_count: int | None = None) -> tf.data.Dataset:
     """An endless, shuffled stream of this process's training batches.
@@ -213,6 +225,8 @@ class TfdsSource:
     Args:
       vocab: the vocabulary.
       seed: seeds file order, shuffling and the choice of reference caption.
+      skip_batches: batches a resumed run already trained on (see
+        `sample_captions`).
       process_index: this process (default: `jax.process_index()`).
       process_count: processes (default: `jax.process_count()`).
 
@@ -235,7 +249,8 @@ class TfdsSource:
     ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return sample_captions(ds, config, vocab, seed=seed,
-                           process_count=process_count)
+                           process_count=process_count,
+                           skip_batches=skip_batches)
 
   def eval_examples(self, split: str, num_examples: int = -1
                     ) -> Iterator[EvalExample]:
@@ -301,12 +316,14 @@ def eval_devices(config: ml_collections.ConfigDict) -> int:
   """Local devices that share an evaluation batch; checks that it divides.
 
   Raises:
-    ValueError: `eval_batch_size` does not divide over the local devices.
+    errors.ConfigError: `eval_batch_size` does not divide over the local
+      devices.
   """
   num_devices = jax.local_device_count()
   if config.eval_batch_size % num_devices:
-    raise ValueError(f"eval_batch_size {config.eval_batch_size} must be "
-                     f"divisible by the {num_devices} local devices.")
+    raise errors.ConfigError(
+        f"eval_batch_size {config.eval_batch_size} must be divisible by the "
+        f"{num_devices} local devices.")
   return num_devices
 
 

@@ -5,8 +5,6 @@
       --config.batch_size=64
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -24,12 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
-  runtime.start(FLAGS.config)
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except runtime.USER_ERRORS as e:
-    sys.exit(f"error: {e}")
+  runtime.run(lambda: FLAGS.config,
+              lambda config: train.train_and_evaluate(config, FLAGS.workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runtime.parse_flags)

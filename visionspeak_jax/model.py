@@ -18,6 +18,7 @@ import numpy as np
 
 from visionspeak_jax import decoder
 from visionspeak_jax import decoding
+from visionspeak_jax import errors
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import resnet
 from visionspeak_jax import vocabulary
@@ -156,8 +157,8 @@ def decode_dtype(name: str) -> Any:
     ValueError: for a name other than "float32" or "bfloat16".
   """
   if name not in DECODE_DTYPES:
-    raise ValueError(f"decode_dtype must be one of {sorted(DECODE_DTYPES)}, "
-                     f"got {name!r}.")
+    raise errors.ConfigError(
+        f"decode_dtype must be one of {sorted(DECODE_DTYPES)}, got {name!r}.")
   return DECODE_DTYPES[name]
 
 

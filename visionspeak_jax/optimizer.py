@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import optax
 
+from visionspeak_jax import errors
+
 _FROZEN = "frozen"
 
 
@@ -38,8 +40,9 @@ def multiplier(config: ml_collections.ConfigDict, subtree: str) -> float:
   mults = config.get("lr_mults") or {}
   value = float(mults.get(subtree, 1.0))
   if value < 0:
-    raise ValueError(f"config.lr_mults.{subtree} must be >= 0 (0 freezes "
-                     f"the {subtree}), got {value}.")
+    raise errors.ConfigError(
+        f"config.lr_mults.{subtree} must be >= 0 (0 freezes the {subtree}), "
+        f"got {value}.")
   return value
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionspeak_jax import errors
 from visionspeak_jax import resnet
 
 # torchvision keys that have no counterpart in a classifier-free trunk.
@@ -28,7 +29,7 @@ _IGNORED_PREFIXES = ("fc.",)
 _MAX_LISTED = 5
 
 
-class PretrainedError(ValueError):
+class PretrainedError(errors.UserError):
   """A weights file that cannot be imported, with what to do about it."""
 
 

@@ -17,6 +17,9 @@ ModuleDef = Any
 # stride 2, and imported weights must see the same windows.
 _PAD3 = ((1, 1), (1, 1))
 
+# "imagenet": 7x7 stride-2 conv and max pool (stride 4, as torchvision);
+# "small": one 3x3 stride-2 conv, for small images.
+STEMS = ("imagenet", "small")
 # name -> (stage sizes, block kind)
 SIZES = {
     "tiny": ((1, 1, 1), "basic"),
@@ -126,8 +129,8 @@ class ResNet(nn.Module):
                name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
     else:
-      raise ValueError(f"ResNet stem must be 'imagenet' or 'small', "
-                       f"got {self.stem!r}.")
+      raise ValueError(f"ResNet stem must be one of {STEMS}, got "
+                       f"{self.stem!r}.")
     out["stem"] = x
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):

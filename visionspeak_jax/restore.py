@@ -43,39 +43,52 @@ class Run:
 
 
 def restore_checkpoint(directory: str, step: int | None = None) -> Run:
-  """Restores a checkpoint directory's step (default: the latest).
+  """Restores a checkpoint directory's step.
+
+  Args:
+    directory: the checkpoint directory.
+    step: the step; default the newest one that is intact (a damaged newer
+      one is logged and skipped).
 
   Raises:
     checkpoint.CheckpointError: there is no such checkpoint, or it cannot
       be read.
   """
   directory = os.path.abspath(directory)
+  no_checkpoint = CheckpointError(
+      f"No checkpoint in {directory}: point at a finished run's workdir, or "
+      "train one first with visionspeak_jax.main.")
   if not os.path.isdir(directory):
     # Checked first: opening a Checkpointer creates the directory, which a
     # mistyped path should not.
-    raise CheckpointError(
-        f"No checkpoint in {directory}: point at a finished run's workdir, "
-        "or train one first with visionspeak_jax.main.")
+    raise no_checkpoint
   ckpt = checkpoint_lib.Checkpointer(directory)
-  try:
-    step = ckpt.latest_step() if step is None else step
+
+  def read(step: int) -> Run:
     vocab, config = ckpt.restore_metadata(step)
     params, batch_stats = ckpt.restore_weights(step)
-    info = ckpt.restore_info(step)
+    return Run(directory=directory, step=int(step), config=config,
+               vocab=vocab, params=params, batch_stats=batch_stats,
+               info=ckpt.restore_info(step))
+
+  try:
+    if step is None:
+      found = ckpt.restore_newest_intact(read)
+      if found is None:
+        raise no_checkpoint
+      return found[1]
+    return read(step)
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Orbax reports a damaged or mismatched checkpoint in many ways; the
     # user's remedy is the same.
-    detail = (str(e).strip().splitlines() or [""])[0][:200]
     raise CheckpointError(
         f"The checkpoint of step {step} in {directory} cannot be restored "
-        f"({type(e).__name__}: {detail}): use another saved step, or train "
-        "again with this version.") from e
+        f"({checkpoint_lib.describe_failure(e)}): use another saved step, or "
+        "train again with this version.") from e
   finally:
     ckpt.close()
-  return Run(directory=directory, step=int(step), config=config, vocab=vocab,
-             params=params, batch_stats=batch_stats, info=info)
 
 
 def restore_run(workdir: str, *, step: int | None = None,

@@ -14,7 +14,6 @@ weights, and/or an earlier run (`config.init_from`).
 """
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -29,8 +28,10 @@ import numpy as np
 import optax
 
 from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import config_checks
 from visionspeak_jax import data
 from visionspeak_jax import decoder
+from visionspeak_jax import errors
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
@@ -39,6 +40,7 @@ from visionspeak_jax import optimizer
 from visionspeak_jax import restore
 from visionspeak_jax import state as state_lib
 from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax import workdir as workdir_lib
 
 
 def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -111,6 +113,10 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
       "grad_norm": optax.tree.norm(grads),
   }
   metrics["loss"] = metrics["xent"] + config.alpha_c * metrics["attention_loss"]
+  # Non-finite values never go away again (Adam's moments keep them), so
+  # checking the new state before each save keeps every checkpoint finite.
+  metrics["finite"] = (jnp.isfinite(metrics["loss"]) &
+                       jnp.isfinite(optax.tree.norm(state.params)))
   return state, metrics
 
 
@@ -195,15 +201,50 @@ def _format(metrics: dict[str, Any]) -> str:
                    for k, v in sorted(metrics.items()))
 
 
-def _write_metrics(workdir: str, record: dict[str, Any]) -> None:
+def _start(config: ml_collections.ConfigDict, workdir: str,
+           source: data.DataSource, ckpt: checkpoint_lib.Checkpointer
+           ) -> tuple[vocab_lib.Vocabulary, state_lib.TrainState]:
+  """The vocabulary and state to train from: resumed, or a new run's.
+
+  A run resumes from its newest intact checkpoint; a damaged newer one is
+  logged and skipped. A new run builds its vocabulary (or takes that of
+  `config.init_from`) and starts from `restore.initial_weights`.
+  """
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  create = functools.partial(state_lib.create_train_state, rng, config,
+                             encoder=source.input_key == "image")
+
+  def resume(step):
+    vocab, saved = ckpt.restore_metadata(step)
+    config_checks.check_resume(saved, config, workdir)
+    return vocab, ckpt.restore_state(create(len(vocab)), step)
+
+  resumed = ckpt.restore_newest_intact(resume)
+  if resumed is not None:
+    logging.info("Resuming from the checkpoint of step %d.", resumed[0])
+    return resumed[1]
+  init_run = None
+  if config.init_from:
+    init_run = restore.restore_run(config.init_from)
+    vocab = init_run.vocab  # The decoder copied from that run speaks it.
+  else:
+    vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split),
+                                       min_count=config.vocab_min_count)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    vocab.save(os.path.join(workdir, "vocab.json"))
+  state = create(len(vocab))
+  params, batch_stats = restore.initial_weights(
+      config, state.params, state.batch_stats, init_run)
+  return vocab, state.replace(params=params, batch_stats=batch_stats)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
   """Trains, evaluates and checkpoints; resumes from the latest checkpoint.
+
+  A run killed at any moment and restarted with the same config continues
+  exactly: the state, the data order and every random key come back as they
+  were. A second process on the same workdir is refused.
 
   Args:
     config: the run config.
@@ -211,52 +252,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Returns:
     The final metrics on `config.test_split`.
+
+  Raises:
+    errors.UserError: a config, data, checkpoint or weights problem, or a
+      diverging run, in one sentence.
   """
-  os.makedirs(workdir, exist_ok=True)
-  num_devices = jax.local_device_count()
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by "
-                     f"the {jax.device_count()} devices.")
-  # A bad name stops the run here, not at its first evaluation.
-  model.decode_dtype(config.decode_dtype)
-  source = data.create(config, workdir)
-  logging.info("Data: %s.", source.description)
+  # Every mistake in the config stops the run here, in one sentence.
+  config_checks.validate(config)
+  config_checks.check_workdir(workdir)
+  lock = workdir_lib.Lock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      config.max_checkpoints_to_keep)
   best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), 1,
                                           best_metric=config.best_metric)
-  latest = ckpt.latest_step()
-  init_run = None
-  if latest is not None:
-    vocab, _ = ckpt.restore_metadata(latest)
-    logging.info("Resuming from the checkpoint of step %d.", latest)
-  elif config.init_from:
-    init_run = restore.restore_run(config.init_from)
-    # The decoder copied from that run speaks its vocabulary.
-    vocab = init_run.vocab
-  else:
-    vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split),
-                                       min_count=config.vocab_min_count)
-  if latest is None and jax.process_index() == 0:
-    vocab.save(os.path.join(workdir, "vocab.json"))
+  try:
+    return _train(config, workdir, ckpt, best_ckpt)
+  finally:
+    for c in (ckpt, best_ckpt):
+      c.wait()  # What was saved is complete, even when the run stops.
+      c.close()
+    lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           ckpt: checkpoint_lib.Checkpointer,
+           best_ckpt: checkpoint_lib.Checkpointer) -> dict[str, float]:
+  """The body of `train_and_evaluate`, inside its lock."""
+  source = data.create(config, workdir)
+  logging.info("Data: %s.", source.description)
+  vocab, state = _start(config, workdir, source, ckpt)
   logging.info("Vocabulary: %d words.", len(vocab))
-
-  rng = jax.random.key(config.seed)
-  state = state_lib.create_train_state(
-      jax.random.fold_in(rng, 0), config, len(vocab),
-      encoder=source.input_key == "image")
-  if latest is not None:
-    state = ckpt.restore_state(state, latest)
-  else:
-    params, batch_stats = restore.initial_weights(
-        config, state.params, state.batch_stats, init_run)
-    state = state.replace(params=params, batch_stats=batch_stats)
   start_step = int(state.step)
-  dropout_rng = jax.random.fold_in(rng, 1)
+  metrics_log = workdir_lib.MetricsLog(workdir, jax.process_index() == 0)
+  metrics_log.resume(start_step)
+  dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step, p_predict = compile_steps(config)
-
-  # A resumed run reads a fresh data order rather than replaying the start.
-  train_ds = source.train_dataset(vocab, seed=config.seed + start_step)
+  num_devices = jax.local_device_count()
+  train_ds = source.train_dataset(vocab, seed=config.seed,
+                                  skip_batches=start_step)
   train_iter = flax.jax_utils.prefetch_to_device(
       map(lambda b: input_pipeline.shard(b, num_devices),
           train_ds.as_numpy_iterator()), config.prefetch_batches)
@@ -265,52 +300,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                config.dataset, config.num_train_steps, start_step,
                jax.device_count())
   last_time, last_step = time.time(), start_step
+  saved_step = start_step
   for step in range(start_step, config.num_train_steps):
     state, train_metrics = p_train_step(state, next(train_iter), dropout_rng)
     done = step + 1
-    if done % config.log_every_steps == 0 or done == config.num_train_steps:
+    last = done == config.num_train_steps
+    log = done % config.log_every_steps == 0 or last
+    evaluate_now = done % config.eval_every_steps == 0 or last
+    save = done % config.checkpoint_every_steps == 0 or last
+    if log or evaluate_now or save:
       train_metrics = {k: float(v) for k, v in
                        jax.device_get(train_metrics).items()}
-      if not np.isfinite(train_metrics["loss"]):
-        raise FloatingPointError(
+      if not train_metrics.pop("finite"):
+        raise errors.DivergedError(
             f"Training diverged at step {done} (loss "
-            f"{train_metrics['loss']}): lower --config.learning_rate or "
-            "--config.grad_clip_norm and restart.")
+            f"{train_metrics['loss']}); the newest checkpoint, of step "
+            f"{saved_step}, is finite: lower --config.learning_rate (or "
+            "--config.grad_clip_norm) and restart.")
+    elif done % 50 == 0:
+      # Bounded asynchronous dispatch: keeps fake-device collectives safe.
+      jax.block_until_ready(train_metrics)
+    if log:
       now = time.time()
       steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
       eta = (config.num_train_steps - done) / max(steps_per_sec, 1e-9)
       logging.info("step %d/%d: %s, %.2f steps/s, ETA %.0f s", done,
                    config.num_train_steps, _format(train_metrics),
                    steps_per_sec, eta)
-      _write_metrics(workdir, {"step": done, "split": "train",
-                               "steps_per_sec": steps_per_sec,
-                               **train_metrics})
+      metrics_log.write({"step": done, "split": "train",
+                         "steps_per_sec": steps_per_sec, **train_metrics})
       last_time, last_step = now, done
-    elif done % 50 == 0:
-      # Bounded asynchronous dispatch: keeps fake-device collectives safe.
-      jax.block_until_ready(train_metrics)
-    if (done % config.eval_every_steps == 0 or
-        done == config.num_train_steps):
+    if evaluate_now:
       eval_metrics = evaluate(p_predict, state, source, config, vocab,
                               config.eval_split)
       logging.info("eval %s at step %d: %s", config.eval_split, done,
                    _format(eval_metrics))
-      _write_metrics(workdir, {"step": done, "split": config.eval_split,
-                               **eval_metrics})
+      metrics_log.write({"step": done, "split": config.eval_split,
+                         **eval_metrics})
       best_ckpt.save(done, state, vocab, config, metrics=eval_metrics,
                      info=source.run_info)
       last_time = time.time()
-    if (done % config.checkpoint_every_steps == 0 or
-        done == config.num_train_steps):
+    if save:
       ckpt.save(done, state, vocab, config, info=source.run_info)
-  for c in (ckpt, best_ckpt):
-    c.wait()
-    c.close()
+      saved_step = done
 
   test_metrics = evaluate(p_predict, state, source, config, vocab,
                           config.test_split)
   logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
                int(state.step), _format(test_metrics))
-  _write_metrics(workdir, {"step": int(state.step),
-                           "split": config.test_split, **test_metrics})
+  metrics_log.write({"step": int(state.step), "split": config.test_split,
+                     **test_metrics})
   return test_metrics

@@ -1,0 +1,115 @@
+"""Config mistakes end in one sentence at start-up, never in a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from visionspeak_jax import config_checks
+from visionspeak_jax import errors
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (field, bad value, what the message must say)
+_BAD_VALUES = [
+    ("batch_size", 0, "config.batch_size must be a whole number >= 1, got 0"),
+    ("batch_size", 7, "must be divisible by the 2 devices"),
+    ("eval_batch_size", 3, "divisible by the 2 local devices"),
+    ("image_size", 0, "config.image_size must be a whole number >= 1"),
+    ("num_train_steps", 0, "config.num_train_steps must be a whole number"),
+    ("checkpoint_every_steps", 0, "config.checkpoint_every_steps must be"),
+    ("eval_every_steps", 0, "config.eval_every_steps must be"),
+    ("log_every_steps", -1, "config.log_every_steps must be"),
+    ("beam_size", 0, "config.beam_size must be a whole number >= 1"),
+    ("max_decode_length", 0, "config.max_decode_length must be"),
+    ("model.hidden_dim", -3, "config.model.hidden_dim must be"),
+    ("learning_rate", -1e-3, "config.learning_rate must be a number >= 0"),
+    ("lr_mults.encoder", -1.0, "config.lr_mults.encoder must be >= 0"),
+    ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0, 1)"),
+    ("num_eval_examples", 0, "config.num_eval_examples must be -1"),
+    ("data_source", "frozen", "config.data_source must be one of tfds, "
+     "feature_cache, got 'frozen'"),
+    ("decode_dtype", "float16", "config.decode_dtype must be one of"),
+    ("model.gate", "sigmoid", "config.model.gate must be one of"),
+    ("model.resnet_size", "19", "config.model.resnet_size must be one of"),
+    ("model.resnet_stem", "big", "config.model.resnet_stem must be one of"),
+    ("distributed", "maybe", "config.distributed must be one of"),
+    ("best_metric", "bleu5", "config.best_metric must be one of"),
+    ("init_from", "/no/such/run", "config.init_from '/no/such/run' is not a "
+     "directory"),
+    ("model.pretrained_path", "/no/weights.safetensors",
+     "config.model.pretrained_path '/no/weights.safetensors' is not a file"),
+]
+
+
+def _set(config, path, value):
+  *parents, name = path.split(".")
+  for parent in parents:
+    config = config[parent]
+  config[name] = value
+
+
+def _is_one_sentence(message):
+  return "\n" not in message and message.endswith(".")
+
+
+def test_the_tiny_config_is_valid():
+  config_checks.validate(tiny.get_config())
+
+
+@pytest.mark.parametrize("path,value,says", _BAD_VALUES)
+def test_bad_value_is_one_sentence(path, value, says):
+  config = tiny.get_config()
+  _set(config, path, value)
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.validate(config)
+  message = str(info.value)
+  assert says in message and _is_one_sentence(message), message
+
+
+def test_workdir_that_is_a_file_or_cannot_be_made(tmp_path):
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  with pytest.raises(errors.ConfigError, match="is a file, not a directory"):
+    config_checks.check_workdir(str(a_file))
+  with pytest.raises(errors.ConfigError,
+                     match=r"Cannot write to --workdir .*/file/run \("):
+    config_checks.check_workdir(str(a_file / "run"))
+  config_checks.check_workdir(str(tmp_path / "new" / "run"))
+  assert os.listdir(tmp_path / "new" / "run") == []
+
+
+def test_resume_with_another_model_names_the_fields():
+  saved, config = tiny.get_config(), tiny.get_config()
+  config.model.hidden_dim = 64
+  config.lr_mults.encoder = 0.0
+  config.model.dropout_rate = 0.3  # Not part of the state's shapes.
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.check_resume(saved, config, "/runs/a")
+  message = str(info.value)
+  assert _is_one_sentence(message)
+  assert "model.hidden_dim=32 there, 64 now" in message
+  assert "lr_mults.encoder freezes only one of the two" in message
+  assert "dropout" not in message and "another --workdir" in message
+  config_checks.check_resume(saved, tiny.get_config(), "/runs/a")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--config=configs/tiny.py", "--config.no_such_field=1"],
+     "error: The config has no field 'no_such_field'"),
+    (["--config=configs/no_such_config.py"],
+     "error: Cannot load the --config file ([Errno 2] No such file"),
+    (["--config=configs/tiny.py", "--config.batch_size=0"],
+     "error: config.batch_size must be a whole number >= 1, got 0"),
+])
+def test_main_prints_one_line_and_exits_non_zero(args, says, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "visionspeak_jax.main",
+       f"--workdir={tmp_path / 'run'}", *args], cwd=_ROOT,
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(says) and _is_one_sentence(last), last
+  assert "Traceback" not in proc.stderr

@@ -1,0 +1,182 @@
+"""The whole config checked at start-up, before any data or compile work.
+
+Every mistake is one `errors.ConfigError` sentence naming the field, the
+bad value and what would work. `validate` covers single values and their
+combinations with the devices; `check_workdir` the run directory;
+`check_resume` a changed config against a run's checkpoint.
+"""
+
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+
+from visionspeak_jax import decoder
+from visionspeak_jax import distributed
+from visionspeak_jax import errors
+from visionspeak_jax import model
+from visionspeak_jax import resnet
+
+DATA_SOURCES = ("tfds", "feature_cache")  # See data.py.
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider",
+           "content_f1", "grounding")
+
+# Fields that must be whole numbers >= 1.
+_AT_LEAST_ONE = (
+    "batch_size", "eval_batch_size", "image_size", "num_train_steps",
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+    "max_checkpoints_to_keep", "beam_size", "max_decode_length",
+    "max_caption_length", "vocab_min_count", "shuffle_buffer_size",
+    "prefetch_batches", "model.embed_dim", "model.attention_dim",
+    "model.hidden_dim", "model.resnet_width")
+# Fields that must be >= 0.
+_NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
+                 "grad_clip_norm", "alpha_c", "length_penalty")
+# Fields with a fixed set of values.
+_CHOICES = {
+    "data_source": DATA_SOURCES,
+    "decode_dtype": tuple(model.DECODE_DTYPES),
+    "model.gate": decoder.GATES,
+    "model.resnet_size": tuple(resnet.SIZES),
+    "model.resnet_stem": resnet.STEMS,
+    "distributed": distributed.MODES,
+    "best_metric": METRICS,
+}
+# Fields whose change alters the shapes or structure of a run's state.
+_STATE_FIELDS = (
+    "data_source", "model.resnet_size", "model.resnet_width",
+    "model.resnet_stem", "model.embed_dim", "model.attention_dim",
+    "model.hidden_dim", "model.gate", "model.deep_output",
+    "model.position_embedding")
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field's range and choices and the device arithmetic.
+
+  Raises:
+    errors.ConfigError: the first problem found, in one sentence.
+  """
+  for path in _AT_LEAST_ONE:
+    value = _get(config, path)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.ConfigError(
+          f"config.{path} must be a whole number >= 1, got {value!r}: fix "
+          f"--config.{path}.")
+  for path in _NON_NEGATIVE:
+    value = _get(config, path)
+    if not isinstance(value, (int, float)) or not value >= 0:
+      raise errors.ConfigError(
+          f"config.{path} must be a number >= 0, got {value!r}: fix "
+          f"--config.{path}.")
+  for name, value in config.lr_mults.items():
+    if not isinstance(value, (int, float)) or not value >= 0:
+      raise errors.ConfigError(
+          f"config.lr_mults.{name} must be >= 0 (0 freezes the {name}), got "
+          f"{value!r}: fix --config.lr_mults.{name}.")
+  for path, choices in _CHOICES.items():
+    value = _get(config, path)
+    if str(value) not in choices:
+      raise errors.ConfigError(
+          f"config.{path} must be one of {', '.join(choices)}, got "
+          f"{value!r}: fix --config.{path}.")
+  if not 0 <= config.model.dropout_rate < 1:
+    raise errors.ConfigError(
+        f"config.model.dropout_rate must be in [0, 1), got "
+        f"{config.model.dropout_rate!r}: fix --config.model.dropout_rate.")
+  if config.num_eval_examples != -1 and config.num_eval_examples < 1:
+    raise errors.ConfigError(
+        f"config.num_eval_examples must be -1 (the whole split) or >= 1, got "
+        f"{config.num_eval_examples!r}: fix --config.num_eval_examples.")
+  if config.batch_size % jax.device_count():
+    raise errors.ConfigError(
+        f"config.batch_size {config.batch_size} must be divisible by the "
+        f"{jax.device_count()} devices: fix --config.batch_size.")
+  if config.eval_batch_size % jax.local_device_count():
+    raise errors.ConfigError(
+        f"config.eval_batch_size {config.eval_batch_size} must be divisible "
+        f"by the {jax.local_device_count()} local devices: fix "
+        "--config.eval_batch_size.")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise errors.ConfigError(
+        f"config.init_from {config.init_from!r} is not a directory: point it "
+        "at a finished run's workdir.")
+  if config.metrics_use_java and shutil.which("java") is None:
+    raise errors.ConfigError(
+        "config.metrics_use_java is True but no `java` is on the PATH: "
+        "install a Java runtime, or leave --config.metrics_use_java unset.")
+  path = config.model.pretrained_path
+  if path and not os.path.isfile(path):
+    raise errors.ConfigError(
+        f"config.model.pretrained_path {path!r} is not a file: fix "
+        "--config.model.pretrained_path.")
+  try:
+    h, w = model.grid(config)
+  except Exception as e:  # pylint: disable=broad-except
+    # Too small an image for the ResNet's strides fails deep inside Flax.
+    raise errors.ConfigError(
+        f"config.image_size {config.image_size} is too small for "
+        f"ResNet-{config.model.resnet_size} with the "
+        f"{config.model.resnet_stem} stem ({type(e).__name__}): raise "
+        "--config.image_size.") from e
+  if h < 1 or w < 1:
+    raise errors.ConfigError(
+        f"config.image_size {config.image_size} gives no region with "
+        f"ResNet-{config.model.resnet_size} and the "
+        f"{config.model.resnet_stem} stem: raise --config.image_size.")
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates the workdir if needed and checks it can be written.
+
+  Raises:
+    errors.ConfigError: it is a file, or it cannot be created or written.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.ConfigError(f"--workdir {workdir} is a file, not a "
+                             "directory: pass a directory.")
+  probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise errors.ConfigError(
+        f"Cannot write to --workdir {workdir} ({e.strerror}): pass a "
+        "directory you can write to.") from e
+
+
+def check_resume(saved: ml_collections.ConfigDict,
+                 config: ml_collections.ConfigDict, directory: str) -> None:
+  """Checks a config can resume a run saved with `saved`.
+
+  Raises:
+    errors.ConfigError: a field that shapes the state differs.
+  """
+  changed = []
+  for path in _STATE_FIELDS:
+    try:
+      before = _get(saved, path)
+    except (KeyError, AttributeError):
+      before = None
+    if before != _get(config, path):
+      changed.append(f"{path}={before!r} there, {_get(config, path)!r} now")
+  frozen = [name for name, mult in config.lr_mults.items()
+            if (mult > 0) != (saved.get("lr_mults", {}).get(name, 1.0) > 0)]
+  changed += [f"lr_mults.{name} freezes only one of the two" for name in frozen]
+  if (config.grad_clip_norm > 0) != (saved.get("grad_clip_norm", 0) > 0):
+    changed.append("grad_clip_norm turns clipping on in only one of the two")
+  if changed:
+    raise errors.ConfigError(
+        f"The run in {directory} was made with another model or optimizer "
+        f"structure ({'; '.join(changed)}): resume with its settings, or "
+        "start a new run in another --workdir.")
