@@ -263,16 +263,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   lock = workdir_lib.Lock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     config.max_checkpoints_to_keep)
-  best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), 1,
-                                          best_metric=config.best_metric)
   try:
-    return _train(config, workdir, ckpt, best_ckpt)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       config.max_checkpoints_to_keep)
+    best_ckpt = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "best"), 1, best_metric=config.best_metric)
+    try:
+      return _train(config, workdir, ckpt, best_ckpt)
+    finally:
+      for c in (ckpt, best_ckpt):
+        c.wait()  # What was saved is complete, even when the run stops.
+        c.close()
   finally:
-    for c in (ckpt, best_ckpt):
-      c.wait()  # What was saved is complete, even when the run stops.
-      c.close()
     lock.release()
 
 
