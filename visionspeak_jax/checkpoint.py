@@ -14,6 +14,7 @@ import traceback
 from typing import Any, Callable, TypeVar
 
 from absl import logging
+from etils import epath
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from visionspeak_jax import errors
 from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax import workdir as workdir_lib
 
 
 def _to_global(tree: Any) -> Any:
@@ -98,7 +100,7 @@ class CheckpointError(errors.UserError):
 
 def has_checkpoint(directory: str) -> bool:
   """Whether `directory` holds at least one saved step (creates nothing)."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return False
   ckpt = Checkpointer(directory)
   try:
@@ -121,7 +123,7 @@ class Checkpointer:
       best_metric: keep the checkpoints with the highest value of this metric
         (passed to `save`) instead of the newest ones.
     """
-    self.directory = os.path.abspath(directory)
+    self.directory = workdir_lib.absolute(directory)
     # Before any read: the echoes of a failed one come from other threads.
     quiet_failed_reads()
     # A save cut short by a kill leaves a temporary folder, never a step:

@@ -10,6 +10,7 @@ import os
 import shutil
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -105,7 +106,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.eval_batch_size {config.eval_batch_size} must be divisible "
         f"by the {jax.local_device_count()} local devices: fix "
         "--config.eval_batch_size.")
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not epath.Path(config.init_from).is_dir():
     raise errors.ConfigError(
         f"config.init_from {config.init_from!r} is not a directory: point it "
         "at a finished run's workdir.")
@@ -114,7 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "config.metrics_use_java is True but no `java` is on the PATH: "
         "install a Java runtime, or leave --config.metrics_use_java unset.")
   path = config.model.pretrained_path
-  if path and not os.path.isfile(path):
+  if path and not epath.Path(path).is_file():
     raise errors.ConfigError(
         f"config.model.pretrained_path {path!r} is not a file: fix "
         "--config.model.pretrained_path.")
@@ -140,19 +141,20 @@ def check_workdir(workdir: str) -> None:
   Raises:
     errors.ConfigError: it is a file, or it cannot be created or written.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
     raise errors.ConfigError(f"--workdir {workdir} is a file, not a "
                              "directory: pass a directory.")
-  probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+  probe = path / f".write-test-{os.getpid()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
   except OSError as e:
     raise errors.ConfigError(
-        f"Cannot write to --workdir {workdir} ({e.strerror}): pass a "
-        "directory you can write to.") from e
+        f"Cannot write to --workdir {workdir} "
+        f"({e.strerror or type(e).__name__}): pass a directory you can write "
+        "to.") from e
 
 
 def check_resume(saved: ml_collections.ConfigDict,

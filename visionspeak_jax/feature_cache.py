@@ -32,6 +32,7 @@ import tensorflow as tf
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import model
 from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax import workdir as workdir_lib
 
 FORMAT = "visionspeak-features/1"
 INDEX = "index.json"
@@ -45,8 +46,8 @@ class FeatureCacheError(input_pipeline.DataError):
 
 def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`config.feature_cache_dir`, or WORKDIR/features when it is empty."""
-  return os.path.abspath(config.get("feature_cache_dir", "") or
-                         os.path.join(workdir, "features"))
+  return workdir_lib.absolute(config.get("feature_cache_dir", "") or
+                             os.path.join(workdir, "features"))
 
 
 def _split_dir(directory: str, split: str) -> str:

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -26,6 +27,7 @@ from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import model
 from visionspeak_jax import pretrained
 from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax import workdir as workdir_lib
 
 CheckpointError = checkpoint_lib.CheckpointError
 
@@ -54,11 +56,11 @@ def restore_checkpoint(directory: str, step: int | None = None) -> Run:
     checkpoint.CheckpointError: there is no such checkpoint, or it cannot
       be read.
   """
-  directory = os.path.abspath(directory)
+  directory = workdir_lib.absolute(directory)
   no_checkpoint = CheckpointError(
       f"No checkpoint in {directory}: point at a finished run's workdir, or "
       "train one first with visionspeak_jax.main.")
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     # Checked first: opening a Checkpointer creates the directory, which a
     # mistyped path should not.
     raise no_checkpoint
@@ -184,7 +186,7 @@ def extraction_encoder(config: ml_collections.ConfigDict, workdir: str
   """
   path = config.model.get("pretrained_path", "")
   if path:
-    source = f"pretrained:{os.path.abspath(path)}"
+    source = f"pretrained:{workdir_lib.absolute(path)}"
   elif checkpoint_lib.has_checkpoint(os.path.join(workdir, "checkpoints")):
     run = restore_run(workdir)
     return run_encoder(config, run), f"checkpoint:{run.directory}@{run.step}"
@@ -193,7 +195,7 @@ def extraction_encoder(config: ml_collections.ConfigDict, workdir: str
   else:
     raise CheckpointError(
         f"No encoder weights to extract features with (no checkpoint in "
-        f"{os.path.join(os.path.abspath(workdir), 'checkpoints')}): set "
+        f"{os.path.join(workdir_lib.absolute(workdir), 'checkpoints')}): set "
         "--config.model.pretrained_path, point --workdir at a trained run, "
         "or pass --config.extract_random_encoder=True.")
   return encoder_from_source(config, source), source

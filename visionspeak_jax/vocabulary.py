@@ -11,6 +11,8 @@ import json
 import re
 from typing import Iterable, Sequence
 
+from etils import epath
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -72,13 +74,12 @@ class Vocabulary:
     return cls(data["words"])
 
   def save(self, path: str) -> None:
-    with open(path, "w") as f:
-      json.dump(self.to_json(), f)
+    """Writes the JSON file; `path` may be a URL (gs://...)."""
+    epath.Path(path).write_text(json.dumps(self.to_json()))
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":
-    with open(path) as f:
-      return cls.from_json(json.load(f))
+    return cls.from_json(json.loads(epath.Path(path).read_text()))
 
   def encode(self, text: str) -> list[int]:
     """Word ids of a caption, without BOS/EOS; unknown words map to UNK."""
