@@ -85,7 +85,9 @@ class Lock:
     if self._create():
       return
     holder = self._holder()
-    if holder is not None and holder != self._me and not (
+    if holder == self._me:
+      return  # Already ours.
+    if holder is not None and not (
         holder.get("host") == self._me["host"] and
         not _alive(int(holder.get("pid", -1)))):
       raise errors.ConfigError(
