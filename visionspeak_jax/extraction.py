@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from visionspeak_jax import config_checks
 from visionspeak_jax import feature_cache
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import model
@@ -35,7 +36,12 @@ def extract(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     The cache directory.
+
+  Raises:
+    errors.UserError: a config, data, checkpoint or weights problem, in one
+      sentence.
   """
+  config_checks.validate(config)
   process_index = (jax.process_index() if process_index is None
                    else process_index)
   process_count = (jax.process_count() if process_count is None
