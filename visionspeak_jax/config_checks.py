@@ -18,6 +18,7 @@ from visionspeak_jax import decoder
 from visionspeak_jax import distributed
 from visionspeak_jax import errors
 from visionspeak_jax import model
+from visionspeak_jax import optimizer
 from visionspeak_jax import resnet
 
 DATA_SOURCES = ("tfds", "feature_cache")  # See data.py.
@@ -78,11 +79,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"config.{path} must be a number >= 0, got {value!r}: fix "
           f"--config.{path}.")
-  for name, value in config.lr_mults.items():
-    if not isinstance(value, (int, float)) or not value >= 0:
-      raise errors.ConfigError(
-          f"config.lr_mults.{name} must be >= 0 (0 freezes the {name}), got "
-          f"{value!r}: fix --config.lr_mults.{name}.")
+  for name in config.lr_mults:
+    optimizer.multiplier(config, name)
   for path, choices in _CHOICES.items():
     value = _get(config, path)
     if str(value) not in choices:

@@ -35,15 +35,15 @@ def multiplier(config: ml_collections.ConfigDict, subtree: str) -> float:
   """The learning-rate multiplier of a top-level parameter subtree.
 
   Raises:
-    ValueError: the multiplier is negative.
+    errors.ConfigError: the multiplier is not a number >= 0.
   """
-  mults = config.get("lr_mults") or {}
-  value = float(mults.get(subtree, 1.0))
-  if value < 0:
+  value = (config.get("lr_mults") or {}).get(subtree, 1.0)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+      not value >= 0):
     raise errors.ConfigError(
         f"config.lr_mults.{subtree} must be >= 0 (0 freezes the {subtree}), "
-        f"got {value}.")
-  return value
+        f"got {value!r}: fix --config.lr_mults.{subtree}.")
+  return float(value)
 
 
 def trainable(config: ml_collections.ConfigDict, params: dict[str, Any]
