@@ -11,6 +11,7 @@ the batching helpers also serve the feature cache.
 """
 
 import dataclasses
+import importlib
 from typing import Any, Iterator
 
 import jax
@@ -23,8 +24,10 @@ import tensorflow_datasets as tfds
 from visionspeak_jax import errors
 from visionspeak_jax import vocabulary as vocab_lib
 
-# Datasets this package can generate itself; anything else must be prepared.
-_LOCAL_DATASETS = ("shapes_captions",)
+# Datasets this package can generate itself, with the module that registers
+# each; anything else must be prepared.
+_LOCAL_DATASETS = {"shapes_captions": "shapes",
+                   "coco_rehearsal": "coco_rehearsal"}
 
 
 class DataError(errors.UserError):
@@ -38,15 +41,18 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     DataError: the dataset is unknown or must be downloaded first.
   """
   name = config.dataset
-  if name.split("/")[0] in _LOCAL_DATASETS:
-    from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  local_module = _LOCAL_DATASETS.get(name.split("/")[0])
+  if local_module:
+    # Importing the module registers its builder with TFDS.
+    importlib.import_module(f"visionspeak_jax.{local_module}")
   data_dir = config.data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f"Unknown dataset {name!r}: set --config.dataset to "
-                    "shapes_captions/default or coco_captions/2014.") from e
-  if name.split("/")[0] in _LOCAL_DATASETS:
+                    "shapes_captions/default, coco_captions/2014 or "
+                    "coco_rehearsal/2014.") from e
+  if local_module:
     # Process 0 generates first so processes sharing a filesystem do not
     # write the same files at once; hosts with their own disks then
     # generate their own (identical, deterministic) copy.
