@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A torchvision-style ResNet state dict (.safetensors, or .pth/.pt with
   # torch installed) that initialises the encoder; "" = random init.
   config.model.pretrained_path = ""
+  # A new run on images must start its encoder from pretrained_path (or
+  # init_from's run); False lets it start from a random init.
+  config.model.require_pretrained = False
   config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
 
   # Where the inputs come from (see visionspeak_jax/data.py): "tfds" reads
@@ -63,6 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
   # decoder present in both (e.g. a feature-cache run's decoder); its
   # vocabulary is used. "" = none. Ignored when resuming.
   config.init_from = ""
+
+  # Computation dtype of the ResNet and the training decoder: "float32", or
+  # "bfloat16" for mixed precision (bfloat16 convolution/matmul inputs and
+  # ResNet activations; parameters, optimizer state, BatchNorm statistics,
+  # softmax and loss in float32), as flax/examples/imagenet's half_precision.
+  config.dtype = "float32"
 
   # Optimisation.
   config.batch_size = 64  # Global batch; divisible by the device count.

@@ -32,6 +32,8 @@ _BAD_VALUES = [
     ("data_source", "frozen", "config.data_source must be one of tfds, "
      "feature_cache, got 'frozen'"),
     ("decode_dtype", "float16", "config.decode_dtype must be one of"),
+    ("dtype", "bf16", "config.dtype must be one of float32, bfloat16, got "
+     "'bf16'"),
     ("model.gate", "sigmoid", "config.model.gate must be one of"),
     ("model.resnet_size", "19", "config.model.resnet_size must be one of"),
     ("model.resnet_stem", "big", "config.model.resnet_stem must be one of"),
@@ -113,3 +115,39 @@ def test_main_prints_one_line_and_exits_non_zero(args, says, tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith(says) and _is_one_sentence(last), last
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_coco_configs_scale_with_the_accelerator_count(devices):
+  from configs import coco, coco_cached, coco_finetune  # pylint: disable=g-import-not-at-top,g-multiple-import
+  for module in (coco, coco_cached, coco_finetune):
+    config = module.get_config(str(devices))
+    assert config.batch_size == coco.PER_DEVICE_BATCH * devices
+    assert config.learning_rate == pytest.approx(
+        coco.BASE_LEARNING_RATE * devices**0.5)
+    epochs = config.num_train_steps * config.batch_size / coco.TRAIN_IMAGES
+    assert epochs == pytest.approx(
+        coco_finetune.EPOCHS if module is coco_finetune else coco.EPOCHS,
+        rel=0.01)
+  assert coco.get_config().batch_size == coco.get_config("8").batch_size
+  recipe = coco.get_config("1")
+  assert recipe.lr_mults.encoder == 0.0 and recipe.dtype == "bfloat16"
+  assert recipe.model.require_pretrained
+  assert coco_finetune.get_config("1").lr_mults.encoder > 0
+  assert coco_cached.get_config("1").data_source == "feature_cache"
+
+
+def test_a_recipe_without_pretrained_weights_stops_in_one_sentence():
+  from configs import coco  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax import restore  # pylint: disable=g-import-not-at-top
+  config = coco.get_config("1")
+  with pytest.raises(errors.UserError) as e:
+    restore.check_encoder_start(config, encoder=True, init_run=None)
+  message = str(e.value)
+  assert message.count(". ") == 0 and message.endswith(".")
+  assert "--config.model.pretrained_path=FILE" in message
+  assert "--config.model.require_pretrained=False" in message
+  # A feature-cache run has no encoder; an explicit override allows one.
+  restore.check_encoder_start(config, encoder=False, init_run=None)
+  config.model.require_pretrained = False
+  restore.check_encoder_start(config, encoder=True, init_run=None)

@@ -14,7 +14,8 @@ from visionspeak_jax import restore
 
 # torchvision's stage sizes and block kinds, written out independently of
 # resnet.SIZES so a renaming on either side shows up here.
-_TORCHVISION = {18: ((2, 2, 2, 2), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
+_TORCHVISION = {18: ((2, 2, 2, 2), "basic"), 50: ((3, 4, 6, 3), "bottleneck"),
+                101: ((3, 4, 23, 3), "bottleneck")}
 
 
 def _bn(prefix, channels):
@@ -52,10 +53,35 @@ def torchvision_shapes(depth):
   return shapes
 
 
-def random_state_dict(depth, seed=0):
+def timm_shapes(depth, deep_stem=False):
+  """{key: shape} of a timm resnet{depth} `.safetensors` file (timm 1.0).
+
+  timm's plain ResNet (`timm.models.resnet.ResNet`, stem_type "") names its
+  modules as torchvision does: `conv1`, `bn1`, `layer{i}.{k}.conv{n}` /
+  `bn{n}`, `downsample` as a Sequential of conv (0) and norm (1), and the
+  `fc` head. Its files on the Hugging Face hub hold no BatchNorm counters.
+  The `d` variants (resnet101d) have a deep stem: three 3x3 convolutions
+  in `conv1.0`, `conv1.3`, `conv1.6` with norms at `conv1.1`, `conv1.4`.
+  """
+  shapes = {k: v for k, v in torchvision_shapes(depth).items()
+            if not k.endswith("num_batches_tracked")}
+  if deep_stem:
+    del shapes["conv1.weight"]
+    shapes["conv1.0.weight"] = (32, 3, 3, 3)
+    shapes["conv1.3.weight"] = (32, 32, 3, 3)
+    shapes["conv1.6.weight"] = (64, 32, 3, 3)
+    for name in ("conv1.1", "conv1.4"):
+      shapes.update({k: v for k, v in _bn(name, 32).items()
+                     if not k.endswith("num_batches_tracked")})
+  return shapes
+
+
+def random_state_dict(depth, seed=0, naming="torchvision"):
   rng = np.random.RandomState(seed)
   state = {}
-  for key, shape in torchvision_shapes(depth).items():
+  shapes = (timm_shapes(depth) if naming == "timm"
+            else torchvision_shapes(depth))
+  for key, shape in shapes.items():
     if key.endswith("num_batches_tracked"):
       state[key] = np.array(7, np.int64)
     elif key.endswith("running_var"):
@@ -65,9 +91,11 @@ def random_state_dict(depth, seed=0):
   return state
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_import_covers_every_variable(depth, tmp_path):
-  state = random_state_dict(depth)
+@pytest.mark.parametrize("depth,naming", [
+    (18, "torchvision"), (50, "torchvision"), (101, "torchvision"),
+    (50, "timm"), (101, "timm")])
+def test_import_covers_every_variable(depth, naming, tmp_path):
+  state = random_state_dict(depth, naming=naming)
   path = str(tmp_path / f"resnet{depth}.safetensors")
   save_file(state, path)
   variables = pretrained.to_flax(pretrained.load_state_dict(path), depth)
@@ -177,6 +205,16 @@ def test_missing_unexpected_and_wrong_shape_in_one_error():
   assert "wrong shape: layer1.0.conv2.weight (64, 64, 5, 5)" in message
   assert "(expected (64, 64, 3, 3))" in message
   assert message.count(".") >= 1 and "\n" not in message
+
+
+def test_a_timm_deep_stem_is_named_in_the_error():
+  state = {k: np.zeros(v, np.float32)
+           for k, v in timm_shapes(101, deep_stem=True).items()}
+  with pytest.raises(pretrained.PretrainedError) as e:
+    pretrained.to_flax(state, 101)
+  message = str(e.value)
+  assert "deep stem" in message and "missing: conv1.weight" in message
+  assert "\n" not in message
 
 
 def test_resnet50_weights_do_not_fit_resnet18():

@@ -296,7 +296,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.",
                      lower_bound=0)
 flags.DEFINE_bool("best", False, "Use WORKDIR/best, the top checkpoint by the "
                   "evaluation metric, instead of WORKDIR/checkpoints.")
-flags.DEFINE_enum("decode_dtype", None, list(model.DECODE_DTYPES),
+flags.DEFINE_enum("decode_dtype", None, list(model.DTYPES),
                   "Matmul inputs of the decoder; bfloat16 is faster on CPUs "
                   "with AVX512-BF16 and on GPUs/TPUs. Default: the run's "
                   "config.decode_dtype.")

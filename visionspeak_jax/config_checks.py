@@ -39,7 +39,8 @@ _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
 # Fields with a fixed set of values.
 _CHOICES = {
     "data_source": DATA_SOURCES,
-    "decode_dtype": tuple(model.DECODE_DTYPES),
+    "dtype": tuple(model.DTYPES),
+    "decode_dtype": tuple(model.DTYPES),
     "model.gate": decoder.GATES,
     "model.resnet_size": tuple(resnet.SIZES),
     "model.resnet_stem": resnet.STEMS,

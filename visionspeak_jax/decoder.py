@@ -37,6 +37,27 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+# Leaf names of the decoder's matmul weights (attention `w_f`, `w_h`; every
+# dense `w`). `v`, biases, embeddings and positions are not matmul inputs
+# worth casting: they enter sums, lookups and a [A] dot product.
+MATMUL_WEIGHTS = ("w", "w_f", "w_h")
+
+
+def cast_matmul_weights(params: Params, dtype: Any) -> Params:
+  """The decoder parameters with every matmul weight cast to `dtype`.
+
+  Mixed-precision training runs the decoder on this copy: `matmul` casts
+  each input to its weight's dtype and accumulates in float32, so logits,
+  softmax and loss stay float32, and the gradients flow back through the
+  cast to the float32 parameters. None or float32 returns `params`.
+  """
+  if dtype is None or dtype == jnp.float32:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(dtype) if path[-1].key in MATMUL_WEIGHTS
+      else x, params)
+
+
 def _apply_dense(p: Params, x: jax.Array) -> jax.Array:
   return matmul(x, p["w"]) + p["b"]
 

@@ -212,10 +212,10 @@ def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
 
   def body(carry, z_emb_t):
     h, c = carry
-    h_proj = h @ w_h  # [B, H] -> [B, A (+ C | 1) + 4H]
+    h_proj = decoder.matmul(h, w_h)  # [B, H] -> [B, A (+ C | 1) + 4H]
     context, alpha = _attend_and_gate(attention_dim, gate_dim, small,
                                       features, features_proj, h_proj)
-    z_ctx = context @ w_ctx  # [B, C] -> [B, 4H]
+    z_ctx = decoder.matmul(context, w_ctx)  # [B, C] -> [B, 4H]
     new = _cell_update(attention_dim, gate_dim, h_proj, z_emb_t, z_ctx, c)
     return new, (new[0], context, alpha, h, c, h_proj, z_ctx)
 
@@ -251,9 +251,9 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
                                                f, fp, hp),
         small, features, features_proj, h_proj_t)
     d_sm, d_f, d_fp, d_hp_att = attend_vjp(
-        (ct_context + d_z_ctx @ w_ctx.T, ct_alpha))
+        (ct_context + decoder.matmul(d_z_ctx, w_ctx.T), ct_alpha))
     d_h_proj = d_hp_cell + d_hp_att  # [B, A (+ C | 1) + 4H]
-    acc = (d_h_proj @ w_h.T, dc, jax.tree.map(jnp.add, d_small, d_sm),
+    acc = (decoder.matmul(d_h_proj, w_h.T), dc, jax.tree.map(jnp.add, d_small, d_sm),
            d_features + d_f, d_proj + d_fp)
     return acc, (d_h_proj, d_z_emb, d_z_ctx)
 
@@ -265,9 +265,22 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
                                 ct_contexts, ct_alphas), reverse=True))
   # The weight gradients of the two per-step matmuls, summed over all T
   # steps as one matmul each instead of T rank-B updates inside the loop.
-  d_w_h = jnp.einsum("tbh,tbk->hk", h_in, d_h_proj)
-  d_w_ctx = jnp.einsum("tbc,tbk->ck", contexts, d_z_ctx)
+  d_w_h = _weight_gradient("tbh,tbk->hk", h_in, d_h_proj, w_h.dtype)
+  d_w_ctx = _weight_gradient("tbc,tbk->ck", contexts, d_z_ctx, w_ctx.dtype)
   return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc))
+
+
+def _weight_gradient(spec: str, x: jax.Array, dy: jax.Array, dtype: Any
+                     ) -> jax.Array:
+  """A weight's gradient `einsum(spec, x, dy)` in the weight's dtype.
+
+  The inputs are cast to it (as in the forward matmul) and summed in
+  float32; the result is cast back because a custom VJP returns each
+  cotangent in its input's dtype (the cast to the weight's dtype in
+  `decoder.cast_matmul_weights` then carries it to the float32 parameter).
+  """
+  return jnp.einsum(spec, x.astype(dtype), dy.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -301,7 +314,7 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
                    *, dropout_rate: float = 0.0,
-                   rng: jax.Array | None = None
+                   rng: jax.Array | None = None, dtype: Any = None
                    ) -> tuple[jax.Array, jax.Array]:
   """Unrolls the decoder over the ground-truth inputs with `lax.scan`.
 
@@ -323,17 +336,21 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
     tokens_in: [B, T] inputs (BOS followed by the caption).
     dropout_rate: output dropout rate (only with `rng`).
     rng: dropout key; each step folds in its time index.
+    dtype: matmul input dtype: None (float32) or bfloat16 for mixed
+      precision (`decoder.cast_matmul_weights`: products, the recurrent
+      state, softmax and logits stay float32).
 
   Returns:
-    (logits [B, T, V], alphas [B, T, R]).
+    (logits [B, T, V] float32, alphas [B, T, R] float32).
   """
+  params = decoder.cast_matmul_weights(params, dtype)
   features = decoder.add_positions(params, features)
   features_proj = decoder.project_features(params, features)
   carry = decoder.init_state(params, features)
   fused = fused_weights(params)
   emb = params["embed"][tokens_in]  # [B, T] -> [B, T, E]
   # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
-  z_emb = emb.swapaxes(0, 1) @ fused.w_emb + fused.lstm_b
+  z_emb = decoder.matmul(emb.swapaxes(0, 1), fused.w_emb) + fused.lstm_b
   attention_dim, gate_dim = _dims(fused.small)
   hs, contexts, alphas = _recurrence(attention_dim, gate_dim, fused.w_h,
                                      fused.w_ctx, fused.small, features,

@@ -26,16 +26,30 @@ from visionspeak_jax import vocabulary
 # ImageNet statistics, in 0..255 pixel units, as torchvision uses them.
 MEAN_RGB = np.array([0.485, 0.456, 0.406]) * 255.0
 STDDEV_RGB = np.array([0.229, 0.224, 0.225]) * 255.0
-# `config.decode_dtype`: the matmul input dtype of greedy and beam decoding.
-DECODE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+# The names of `config.dtype` (what the ResNet and the training decoder
+# compute in) and `config.decode_dtype` (the matmul inputs of greedy and beam
+# decoding); None is float32.
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """`config.dtype` as a dtype: None (float32) or bfloat16.
+
+  bfloat16 is mixed precision: convolution and matmul inputs and the
+  ResNet's activations are bfloat16; parameters, optimizer state,
+  BatchNorm statistics, softmax and the loss stay float32.
+  """
+  # Runs saved before the field existed computed in float32.
+  return DTYPES[config.get("dtype", "float32")]
 
 
 def create_encoder(config: ml_collections.ConfigDict,
                    axis_name: str | None = None) -> resnet.ResNet:
-  """The ResNet named by `config.model`."""
+  """The ResNet named by `config.model`, computing in `config.dtype`."""
   m = config.model
   return resnet.create(m.resnet_size, num_filters=m.resnet_width,
-                       stem=m.resnet_stem, axis_name=axis_name)
+                       stem=m.resnet_stem, axis_name=axis_name,
+                       dtype=compute_dtype(config) or jnp.float32)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -114,7 +128,8 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
     train: use and update batch statistics.
 
   Returns:
-    (features [B, R, C], new batch_stats; unchanged unless `train`).
+    (features [B, R, C] float32, new batch_stats; unchanged unless
+    `train`).
   """
   variables = {"params": params["encoder"], "batch_stats": batch_stats}
   x = normalize_images(images)
@@ -124,7 +139,9 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
     batch_stats = updates["batch_stats"]
   else:
     out = encoder.apply(variables, x, train=False)
-  spatial = out["spatial"]
+  # float32 whatever the ResNet computed in: the decoder casts its matmul
+  # inputs itself, and its sums over regions stay float32.
+  spatial = out["spatial"].astype(jnp.float32)
   b, h, w, c = spatial.shape
   return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
 
@@ -156,10 +173,10 @@ def decode_dtype(name: str) -> Any:
   Raises:
     ValueError: for a name other than "float32" or "bfloat16".
   """
-  if name not in DECODE_DTYPES:
+  if name not in DTYPES:
     raise errors.ConfigError(
-        f"decode_dtype must be one of {sorted(DECODE_DTYPES)}, got {name!r}.")
-  return DECODE_DTYPES[name]
+        f"decode_dtype must be one of {sorted(DTYPES)}, got {name!r}.")
+  return DTYPES[name]
 
 
 _decoding_weights = jax.jit(fast_decoder.decoding_weights, static_argnums=1)

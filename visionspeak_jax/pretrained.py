@@ -161,11 +161,15 @@ def to_flax(state_dict: dict[str, Any], resnet_size: str | int, *,
               if len(keys) > _MAX_LISTED else "")
       problems.append(f"{what}: {listed}{more}")
   if problems:
+    # timm's "c"/"d"/"s" variants replace the 7x7 stem conv by a Sequential.
+    deep_stem = any(k.startswith("conv1.0.") for k in state_dict)
     raise PretrainedError(
         f"The weights do not fit ResNet-{resnet_size} (width {num_filters}, "
-        f"{stem} stem) ({'; '.join(problems)}): pass a torchvision "
-        f"resnet{resnet_size} state dict or set --config.model.resnet_size "
-        "to match it.")
+        f"{stem} stem) ({'; '.join(problems)}): pass a torchvision or plain "
+        f"timm resnet{resnet_size} state dict"
+        + (" (timm's deep stem variants such as resnet101d have no "
+           "counterpart here)" if deep_stem else "")
+        + " or set --config.model.resnet_size to match it.")
   return flax.traverse_util.unflatten_dict(out)
 
 

@@ -236,6 +236,39 @@ def merge_weights(params: dict[str, Any], batch_stats: Any,
   return params, batch_stats, copied
 
 
+def check_encoder_start(config: ml_collections.ConfigDict, *, encoder: bool,
+                        init_run: Run | None) -> None:
+  """Stops a new run that would train on a random ResNet against its config.
+
+  With `config.model.require_pretrained` (the COCO recipes), the encoder of
+  a run on images must come from `model.pretrained_path` or from
+  `init_from`'s run (its encoder, or the one recorded for its features).
+
+  Args:
+    config: the new run's config.
+    encoder: the run has an encoder (it reads images, not features).
+    init_run: `restore_run(config.init_from)`, or None.
+
+  Raises:
+    pretrained.PretrainedError: no weights for the encoder, in one sentence
+      that says where to get them.
+  """
+  if (not encoder or not config.model.get("require_pretrained", False)
+      or config.model.pretrained_path):
+    return
+  if init_run is not None and ("encoder" in init_run.params
+                               or "encoder_source" in init_run.info):
+    return
+  raise pretrained.PretrainedError(
+      f"This config trains on an ImageNet-pretrained "
+      f"ResNet-{config.model.resnet_size} and no weights were given: save "
+      "torchvision's or timm's resnet"
+      f"{config.model.resnet_size} state dict as .safetensors (README, "
+      "\"Pretrained weights\") and pass --config.model.pretrained_path=FILE, "
+      "or pass --config.model.require_pretrained=False to train a random "
+      "encoder (smoke tests only).")
+
+
 def initial_weights(config: ml_collections.ConfigDict,
                     params: dict[str, Any], batch_stats: Any,
                     init_run: Run | None = None) -> tuple[dict[str, Any], Any]:

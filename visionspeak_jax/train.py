@@ -85,7 +85,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
         train="encoder" in trained)
     logits, alphas = fast_decoder.teacher_forced(
         params["decoder"], features, inputs,
-        dropout_rate=config.model.dropout_rate, rng=rng)
+        dropout_rate=config.model.dropout_rate, rng=rng,
+        dtype=model.compute_dtype(config))
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     tokens = jnp.maximum(lax.pmean(terms["tokens"], "batch"), 1.0)
     captions = jnp.maximum(lax.pmean(terms["captions"], "batch"), 1.0)
@@ -226,6 +227,10 @@ def _start(config: ml_collections.ConfigDict, workdir: str,
   init_run = None
   if config.init_from:
     init_run = restore.restore_run(config.init_from)
+  # Before the vocabulary: on COCO that reads every training caption.
+  restore.check_encoder_start(config, encoder=source.input_key == "image",
+                              init_run=init_run)
+  if init_run is not None:
     vocab = init_run.vocab  # The decoder copied from that run speaks it.
   else:
     vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split),
