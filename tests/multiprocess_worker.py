@@ -19,7 +19,7 @@ from configs import tiny
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import distributed
 from visionspeak_jax import state as state_lib
-from visionspeak_jax import train
+from visionspeak_jax import step as step_lib
 from visionspeak_jax import vocabulary as vocab_lib
 
 GLOBAL_BATCH = 8
@@ -40,7 +40,7 @@ def main():
   assert jax.process_count() == num_processes, jax.process_count()
 
   state = state_lib.create_train_state(jax.random.key(0), config, VOCAB_SIZE)
-  p_train_step, _ = train.compile_steps(config)
+  p_train_step, _ = step_lib.compile_steps(config)
   local = GLOBAL_BATCH // num_processes
   for step in range(3):
     # The same global batch in every process, whatever the process count.

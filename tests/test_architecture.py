@@ -12,7 +12,7 @@ _PACKAGE = "visionspeak_jax"
 _TF_FREE = ("attention", "caption", "checkpoint", "decoder", "decoding",
             "fast_decoder", "figures", "lstm", "metrics", "model",
             "optimizer", "pretrained", "resnet", "restore", "shapes_words",
-            "state", "vocabulary")
+            "state", "step", "vocabulary")
 
 
 def _import_graph():

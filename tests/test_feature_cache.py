@@ -20,6 +20,7 @@ from visionspeak_jax import feature_cache
 from visionspeak_jax import pretrained
 from visionspeak_jax import restore
 from visionspeak_jax import state as state_lib
+from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
 
 
@@ -145,7 +146,7 @@ def test_encoder_learning_rate_multiplier(encoder_mult):
   vocab_size = 20
   state = state_lib.create_train_state(jax.random.key(0), config, vocab_size)
   before = jax.device_get((state.params, state.batch_stats))
-  p_train_step, _ = train.compile_steps(config)
+  p_train_step, _ = step_lib.compile_steps(config)
   batch = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]),
                        fake_batch(config, vocab_size, config.batch_size))
   for _ in range(2):

@@ -11,7 +11,7 @@ from visionspeak_jax import decoder
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import model
 from visionspeak_jax import state as state_lib
-from visionspeak_jax import train
+from visionspeak_jax import step as step_lib
 
 _VOCAB = 40
 
@@ -29,7 +29,7 @@ def _loss_and_grads(config, params, batch_stats, batch):
   def loss_fn(params):
     feats, _ = model.features(model.create_encoder(config), params,
                               batch_stats, batch, train=True)
-    inputs, targets, mask = train.split_tokens(batch["tokens"])
+    inputs, targets, mask = step_lib.split_tokens(batch["tokens"])
     logits, alphas = fast_decoder.teacher_forced(
         params["decoder"], feats, inputs, dtype=model.compute_dtype(config))
     terms = decoder.loss_terms(logits, targets, mask, alphas)
@@ -87,7 +87,7 @@ def test_bfloat16_activations_float32_state():
   assert feats.dtype == jnp.float32  # the decoder's sums stay float32
 
   state = state_lib.create_train_state(jax.random.key(0), config, _VOCAB)
-  p_train_step, _ = train.compile_steps(config)
+  p_train_step, _ = step_lib.compile_steps(config)
   batch = fake_batch(config, _VOCAB, config.batch_size)
   shard = jax.tree.map(
       lambda x: x.reshape((jax.local_device_count(), -1) + x.shape[1:]),

@@ -12,6 +12,7 @@ import pytest
 from configs import tiny
 from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import state as state_lib
+from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
 
 
@@ -74,7 +75,7 @@ def test_two_devices_match_one_device_for_the_same_global_batch():
   for devices in (jax.local_devices()[:1], jax.local_devices()[:2]):
     state = state_lib.create_train_state(jax.random.key(0), config,
                                          vocab_size)
-    p_train_step, _ = train.compile_steps(config, devices=devices)
+    p_train_step, _ = step_lib.compile_steps(config, devices=devices)
     sharded = jax.tree.map(
         lambda x, n=len(devices): x.reshape((n, -1) + x.shape[1:]), batch)
     for _ in range(2):

@@ -1,0 +1,128 @@
+"""The training step: one optimisation step per device, and its compilation.
+
+`train_step` is a per-device function that names its collectives over the
+`batch` axis; `compile_steps` maps it (and `model.predict`) over the local
+devices with `jax.pmap`, the state unreplicated (`in_axes=None`,
+`out_axes=None`). Nothing here imports TensorFlow, so the benchmarks run
+this very step on an accelerator image without it; `train.py` feeds it.
+"""
+
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from visionspeak_jax import decoder
+from visionspeak_jax import fast_decoder
+from visionspeak_jax import model
+from visionspeak_jax import optimizer
+from visionspeak_jax import state as state_lib
+from visionspeak_jax import vocabulary as vocab_lib
+
+
+def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, T + 1] padded captions -> inputs [B, T], targets [B, T], mask [B, T]."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  return inputs, targets, (targets != vocab_lib.PAD_ID).astype(jnp.float32)
+
+
+def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
+               rng: jax.Array, *, config: ml_collections.ConfigDict
+               ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the global batch.
+
+  The loss is normalised by the mean number of tokens (and captions) per
+  device, so that `pmean` of the per-device gradients is exactly the gradient
+  of the global-batch loss, whatever the device count. Only the subtrees
+  that `config.lr_mults` trains are differentiated and averaged; frozen ones
+  run in inference mode (a frozen encoder keeps its BatchNorm statistics)
+  under `stop_gradient`.
+
+  Args:
+    state: the train state (same on every device).
+    batch: the data source's input (`image` uint8 [b, S, S, 3] or
+      `features` float16 [b, R, C]) and `tokens` int32 [b, T + 1].
+    rng: the run's base key; the step and device are folded in here.
+    config: the run config.
+
+  Returns:
+    (new state, metrics summed over devices).
+  """
+  encoder = model.create_encoder(config, axis_name="batch")
+  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
+                           lax.axis_index("batch"))
+  inputs, targets, mask = split_tokens(batch["tokens"])
+  trained, frozen = optimizer.trainable(config, state.params)
+  frozen = lax.stop_gradient(frozen)
+
+  def loss_fn(trained):
+    params = {**frozen, **trained}
+    features, batch_stats = model.features(
+        encoder, params, state.batch_stats, batch,
+        train="encoder" in trained)
+    logits, alphas = fast_decoder.teacher_forced(
+        params["decoder"], features, inputs,
+        dropout_rate=config.model.dropout_rate, rng=rng,
+        dtype=model.compute_dtype(config))
+    terms = decoder.loss_terms(logits, targets, mask, alphas)
+    tokens = jnp.maximum(lax.pmean(terms["tokens"], "batch"), 1.0)
+    captions = jnp.maximum(lax.pmean(terms["captions"], "batch"), 1.0)
+    loss = (terms["xent_sum"] / tokens
+            + config.alpha_c * terms["attention_sum"] / captions)
+    return loss, (terms, batch_stats)
+
+  # Differentiate per-device copies of the parameters: the gradients stay
+  # local until the one explicit pmean, instead of JAX summing them across
+  # devices implicitly at every use of the parameters inside the scans.
+  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+      lax.pcast(trained, "batch", to="varying"))
+  # Frozen subtrees get zeros, which their optax.set_to_zero ignores.
+  grads = {**jax.tree.map(jnp.zeros_like, frozen),
+           **lax.pmean(grads, "batch")}
+  # Synchronised BatchNorm already made the statistics equal across devices.
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  totals = lax.psum(terms, "batch")
+  tokens = jnp.maximum(totals["tokens"], 1.0)
+  captions = jnp.maximum(totals["captions"], 1.0)
+  metrics = {
+      "xent": totals["xent_sum"] / tokens,
+      "attention_loss": totals["attention_sum"] / captions,
+      "accuracy": totals["correct"] / tokens,
+      "grad_norm": optax.tree.norm(grads),
+  }
+  metrics["loss"] = metrics["xent"] + config.alpha_c * metrics["attention_loss"]
+  # Non-finite values never go away again (Adam's moments keep them), so
+  # checking the new state before each save keeps every checkpoint finite.
+  metrics["finite"] = (jnp.isfinite(metrics["loss"]) &
+                       jnp.isfinite(optax.tree.norm(state.params)))
+  return state, metrics
+
+
+def compile_steps(config: ml_collections.ConfigDict,
+                  devices: list[jax.Device] | None = None):
+  """The pmapped train step and predict function; no state is replicated.
+
+  Args:
+    config: the run config.
+    devices: the local devices to map over (default: all).
+
+  Returns:
+    (p_train_step(state, batch, rng),
+     p_predict(params, batch_stats, decoding weights, inputs)).
+  """
+  p_train_step = jax.pmap(
+      functools.partial(train_step, config=config), axis_name="batch",
+      in_axes=(None, 0, None), out_axes=(None, None),
+      donate_argnums=(0,) if jax.process_count() == 1 else (),
+      devices=devices)
+  p_predict = jax.pmap(
+      functools.partial(model.predict, config=config,
+                        beam_size=config.beam_size,
+                        max_length=config.max_decode_length,
+                        length_penalty=config.length_penalty),
+      axis_name="batch", in_axes=(None, None, None, 0), out_axes=0,
+      devices=devices)
+  return p_train_step, p_predict
