@@ -52,6 +52,11 @@ def get_config(devices: str | None = None):
   config.model.attention_dim = 512
   config.model.hidden_dim = 512
   config.model.dropout_rate = 0.5
+  # The paper's code weighs sum_r (1 - sum_t alpha_tr)^2 by 1 against the
+  # cross-entropy summed over a caption's words; ours is the mean per word,
+  # and COCO captions have about 11 words with EOS, hence 1/11 (at 1 the
+  # rehearsal's attention term is 4x the cross-entropy and drowns it).
+  config.alpha_c = 0.09
   config.lr_mults.encoder = 0.0  # Frozen: ImageNet features, as the paper.
   config.dtype = "bfloat16"
   config.decode_dtype = "bfloat16"
