@@ -1,19 +1,36 @@
-r"""Throughput of the decoder: the training step and batched beam search.
+r"""Throughput of the captioner: matmul peak, COCO step, decoder, input.
 
-Runs on pre-extracted features (no ResNet), at the sizes of a COCO run by
-default, and prints one table:
+Prints one table with these sections:
+
+- the machine's matmul peak in float32 and bfloat16;
+- the end-to-end COCO training step: `step.compile_steps` of
+  `configs/coco.py` (ResNet-101 at 224 px, the 512-d decoder) on random
+  images and captions, encoder frozen and fine-tuned, float32 and bfloat16,
+  with images/s and model FLOP utilisation;
+- the decoder alone on pre-extracted features: its training step and
+  batched beam search;
+- the input pipeline alone (JPEG decode, resize, tokenise) on the
+  `coco_rehearsal` set, on one thread and on all cores. Only this part needs
+  TensorFlow; without it the section is skipped.
 
   python benchmarks/benchmark.py
+  python benchmarks/benchmark.py --coco_batch=4 --coco_steps=2 \
+      --pipeline_dataset=coco_rehearsal/tiny
   python benchmarks/benchmark.py --batch_size=64 --beam_sizes=5
 
 XLA flags go in the environment, before the run, and are printed in the
 table's header (see benchmarks/README.md):
 
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/benchmark.py
+
+Nothing here imports TensorFlow at the top level: on an accelerator image
+with JAX but no TensorFlow (benchmarks/gpu.sh) every section but the input
+pipeline runs.
 """
 
 import functools
 import os
+import platform
 import statistics
 import sys
 import time
@@ -21,25 +38,40 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
+import flax.jax_utils
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import jax.extend
 import optax
 
 # `python benchmarks/benchmark.py` from a checkout: the package sits one
 # level up. Appended, so an installed package or PYTHONPATH comes first.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from visionspeak_jax import decoder  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import decoding  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import fast_decoder  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import model  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import vocabulary  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from configs import coco
+from configs import coco_finetune
+from visionspeak_jax import decoder
+from visionspeak_jax import decoding
+from visionspeak_jax import fast_decoder
+from visionspeak_jax import model
+from visionspeak_jax import optimizer as optimizer_lib
+from visionspeak_jax import resnet
+from visionspeak_jax import state as state_lib
+from visionspeak_jax import step as step_lib
+from visionspeak_jax import vocabulary
+# pylint: enable=g-import-not-at-top
+
+# The end-to-end variants: the config module that sets each one's encoder
+# learning-rate multiplier (frozen 0, fine-tuned 0.025).
+COCO_VARIANTS = {"frozen": coco, "finetune": coco_finetune}
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "B of the training step.")
 _REGIONS = flags.DEFINE_integer("regions", 49, "R, feature regions (7x7).")
 _FEATURE_DIM = flags.DEFINE_integer("feature_dim", 2048, "C, channels.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 10000, "V.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 10000,
+                               "V, of the decoder and the COCO step.")
 _LENGTH = flags.DEFINE_integer("length", 22, "T, decoder inputs per caption.")
 _EMBED = flags.DEFINE_integer("embed_dim", 512, "E.")
 _HIDDEN = flags.DEFINE_integer("hidden_dim", 512, "H.")
@@ -50,8 +82,11 @@ _DROPOUT = flags.DEFINE_float("dropout_rate", 0.5, "Output dropout.")
 _ALPHA_C = flags.DEFINE_float("alpha_c", 1.0, "Attention loss weight.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Training steps per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
-_PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048,
-                                  "N of the N x N @ N x N peak matmul.")
+_DECODER_STEP = flags.DEFINE_boolean(
+    "decoder_step", True, "Time the decoder's training step on features.")
+_PEAK_SIZE = flags.DEFINE_integer(
+    "peak_size", None, "N of the N x N @ N x N peak matmul (default 2048 on "
+    "CPU, 8192 on accelerators, where 2048 is too short to time).")
 _BEAM_BATCH = flags.DEFINE_integer("beam_batch", 64, "Images per beam batch.")
 _BEAM_SIZES = flags.DEFINE_list("beam_sizes", ["3", "5"], "Beam widths.")
 _BEAM_LENGTH = flags.DEFINE_integer("beam_length", 20,
@@ -61,6 +96,44 @@ _BEAM_REPEATS = flags.DEFINE_integer("beam_repeats", 5,
 _DECODE_DTYPES = flags.DEFINE_list(
     "decode_dtypes", ["float32", "bfloat16"],
     "config.decode_dtype values to time the beam search with.")
+_COCO_VARIANTS = flags.DEFINE_list(
+    "coco_variants", list(COCO_VARIANTS),
+    "End-to-end COCO step variants: frozen (configs/coco.py, "
+    "lr_mults.encoder=0), finetune (configs/coco_finetune.py, 0.025); "
+    "empty skips the section.")
+_COCO_DTYPES = flags.DEFINE_list(
+    "coco_dtypes", ["float32", "bfloat16"],
+    "config.dtype values of the end-to-end COCO step.")
+_COCO_BATCH = flags.DEFINE_integer(
+    "coco_batch", coco.PER_DEVICE_BATCH,
+    "Images per device of the COCO step (the global batch is this times the "
+    "local device count).")
+_COCO_IMAGE_SIZE = flags.DEFINE_integer("coco_image_size", 224,
+                                        "config.image_size of the COCO step.")
+_COCO_RESNET = flags.DEFINE_enum("coco_resnet", "101", list(resnet.SIZES),
+                                 "config.model.resnet_size of the COCO step.")
+_COCO_STEPS = flags.DEFINE_integer("coco_steps", 3,
+                                   "COCO steps per timed repeat.")
+_COCO_REPEATS = flags.DEFINE_integer("coco_repeats", 3,
+                                     "Timed COCO repeats (median).")
+_PIPELINE_DATASET = flags.DEFINE_string(
+    "pipeline_dataset", "coco_rehearsal/2014",
+    "TFDS set of the input pipeline section (coco_rehearsal/2014: built on "
+    "first use, about 40 s and 900 MB; coco_rehearsal/tiny for quick runs; "
+    "coco_captions/2014 if prepared); empty skips the section.")
+_PIPELINE_DATA_DIR = flags.DEFINE_string(
+    "pipeline_data_dir", "", "Its TFDS data_dir; empty is TFDS's default "
+    "(~/tensorflow_datasets).")
+_PIPELINE_BATCHES = flags.DEFINE_integer(
+    "pipeline_batches", 60, "Timed batches (of configs/coco.py's 32 images) "
+    "per pipeline run.")
+_PIPELINE_SHUFFLE = flags.DEFINE_integer(
+    "pipeline_shuffle_buffer", 1000,
+    "config.shuffle_buffer_size of the pipeline runs (see README).")
+_FEED_RATE = flags.DEFINE_float(
+    "feed_rate", 0.0,
+    "Images/s of one accelerator that the host cores must feed; 0 takes "
+    "this run's frozen bfloat16 COCO step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds parameters and data.")
 
 Params = dict[str, Any]
@@ -136,23 +209,64 @@ def _subjaxprs(params: dict[str, Any]) -> list[Any]:
   return found
 
 
+def _conv_flops(eqn: Any) -> float:
+  """Useful FLOPs of one conv_general_dilated: zeros of lhs dilation skipped.
+
+  A strided convolution's input gradient is a convolution over its output
+  gradient dilated by the stride (zeros between the values); counting those
+  zeros would charge it stride^2 times the forward's FLOPs, which no
+  convolution library spends.
+  """
+  rhs = eqn.invars[1].aval
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+  window = np.prod([rhs.shape[d] for d in rhs_spec[2:]])
+  contract = window * rhs.shape[rhs_spec[1]]
+  dilation = np.prod(eqn.params["lhs_dilation"])
+  return 2.0 * eqn.outvars[0].aval.size * contract / dilation
+
+
+def jaxpr_flops(jaxpr: Any, loops: bool = True) -> dict[str, float]:
+  """FLOPs of every dot_general and convolution in a jaxpr, by kind.
+
+  Counts what the traced program asks for, backward pass included. A
+  mapped body (`pmap`, `shard_map`) has per-device shapes, so a mapped step
+  counts one device's work.
+
+  Args:
+    jaxpr: the jaxpr (`jax.make_jaxpr(fn)(...).jaxpr`).
+    loops: multiply scan bodies by their length; False counts them once,
+      as XLA's cost analysis does.
+
+  Returns:
+    {"dot": FLOPs of dot_generals, "conv": FLOPs of convolutions}.
+  """
+  total = {"dot": 0.0, "conv": 0.0}
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval
+      contract = np.prod([lhs.shape[d] for d in lhs_contract])
+      total["dot"] += 2.0 * eqn.outvars[0].aval.size * contract
+    elif name == "conv_general_dilated":
+      total["conv"] += _conv_flops(eqn)
+    times = eqn.params["length"] if name == "scan" and loops else 1
+    subs = [jaxpr_flops(sub, loops) for sub in _subjaxprs(eqn.params)]
+    if name == "cond" and subs:  # One branch runs: count the dearest.
+      subs = [max(subs, key=lambda s: s["dot"] + s["conv"])]
+    for sub in subs:
+      for kind, value in sub.items():
+        total[kind] += times * value
+  return total
+
+
 def jaxpr_matmul_flops(jaxpr: Any) -> float:
   """FLOPs of every dot_general in a jaxpr, scan bodies times their length.
 
   Counts what the traced program asks for, backward pass included, so it
   checks the analytic count without its "backward = 2 x forward" rule.
   """
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval
-      contract = np.prod([lhs.shape[d] for d in lhs_contract])
-      total += 2.0 * eqn.outvars[0].aval.size * contract
-    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-    for sub in _subjaxprs(eqn.params):
-      total += times * jaxpr_matmul_flops(sub)
-  return total
+  return jaxpr_flops(jaxpr)["dot"]
 
 
 def _timed_compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -167,12 +281,18 @@ def _jit_compile(jitted: Any, *args: Any) -> tuple[Any, float]:
   return compiled, time.perf_counter() - start
 
 
-def matmul_peak(n: int, repeats: int = 10) -> float:
-  """Best float32 GFLOP/s of a jitted [n, n] @ [n, n] matmul."""
+def matmul_peak(n: int, repeats: int = 10, dtype: Any = jnp.float32
+                ) -> float:
+  """Best GFLOP/s of a jitted [n, n] @ [n, n] matmul with `dtype` inputs.
+
+  Products are summed in float32 (`preferred_element_type`), as the
+  decoder's bfloat16 matmuls do.
+  """
   k_a, k_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k_a, (n, n), jnp.float32)
-  b = jax.random.normal(k_b, (n, n), jnp.float32)
-  matmul, _ = _timed_compile(lambda x, y: x @ y, a, b)
+  a = jax.random.normal(k_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(k_b, (n, n), jnp.float32).astype(dtype)
+  matmul, _ = _timed_compile(
+      lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32), a, b)
   matmul(a, b).block_until_ready()  # Warm-up: page in buffers, threads.
   best = float("inf")
   for _ in range(repeats):
@@ -237,6 +357,18 @@ def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   return beam_fn
 
 
+def _cpu_model() -> str:
+  """The host CPU's model name, for the header."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:  # Not Linux.
+    pass
+  return platform.processor() or "unknown CPU"
+
+
 def _seconds(run: Callable[[], Any], repeats: int) -> tuple[float, float]:
   """(median, best) wall time of `repeats` calls of `run`."""
   times = []
@@ -247,50 +379,45 @@ def _seconds(run: Callable[[], Any], repeats: int) -> tuple[float, float]:
   return statistics.median(times), min(times)
 
 
-def main(argv):
-  del argv
-  sizes = dict(batch=_BATCH.value, length=_LENGTH.value,
-               regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
-               vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
-               hidden_dim=_HIDDEN.value, attention_dim=_ATTENTION.value,
-               gate=_GATE.value, deep_output=_DEEP.value)
-  b, t = _BATCH.value, _LENGTH.value
+def row(name: str, value: Any, note: str = "") -> None:
+  """Prints one line of the table."""
+  print(f"  {name:<34} {value:>14}  {note}", flush=True)
 
-  def row(name, value, note=""):
-    print(f"  {name:<34} {value:>14}  {note}", flush=True)
 
-  # Wall-time numbers halve when anything else runs: say so up front.
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x "
-        f"{jax.device_count()}, {os.cpu_count()} CPUs, load average "
-        f"{load:.1f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"sizes: B={b} T={t} R={_REGIONS.value} C={_FEATURE_DIM.value} "
-        f"V={_VOCAB.value} E={_EMBED.value} H={_HIDDEN.value} "
-        f"A={_ATTENTION.value} gate={_GATE.value} deep={_DEEP.value} "
-        f"dropout={_DROPOUT.value}\n")
+def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
+                         alpha_c: float, steps: int, repeats: int, seed: int,
+                         peak: float) -> dict[str, float]:
+  """Times the decoder's training step on features and prints its rows.
 
-  peak = matmul_peak(_PEAK_SIZE.value)
-  n = _PEAK_SIZE.value
-  row("matmul peak (GFLOP/s)", f"{peak:.1f}",
-      f"f32 [{n},{n}]@[{n},{n}], best of 10")
+  Args:
+    sizes: `forward_flops`'s keyword arguments.
+    dropout_rate: output dropout.
+    alpha_c: attention loss weight.
+    steps: steps per timed repeat.
+    repeats: timed repeats (median).
+    seed: seeds parameters and data.
+    peak: float32 matmul GFLOP/s, for the share of peak.
 
-  # Training step.
-  k_params, k_feat = jax.random.split(jax.random.key(_SEED.value))
+  Returns:
+    The forward matmul FLOPs per item (`forward_flops`).
+  """
+  b, t = sizes["batch"], sizes["length"]
+  k_params, k_feat = jax.random.split(jax.random.key(seed))
   params = decoder.init(
-      k_params, vocab_size=_VOCAB.value, feature_dim=_FEATURE_DIM.value,
-      embed_dim=_EMBED.value, hidden_dim=_HIDDEN.value,
-      attention_dim=_ATTENTION.value, gate=_GATE.value,
-      deep_output=_DEEP.value)
+      k_params, vocab_size=sizes["vocab_size"],
+      feature_dim=sizes["feature_dim"], embed_dim=sizes["embed_dim"],
+      hidden_dim=sizes["hidden_dim"], attention_dim=sizes["attention_dim"],
+      gate=sizes["gate"], deep_output=sizes["deep_output"])
   optimizer = optax.adam(1e-4)
   opt_state = optimizer.init(params)
   # Post-ReLU ResNet features are non-negative.
   features = jax.nn.relu(jax.random.normal(
-      k_feat, (b, _REGIONS.value, _FEATURE_DIM.value)))
-  np_rng = np.random.RandomState(_SEED.value)
-  tokens = jnp.asarray(random_tokens(np_rng, b, t, _VOCAB.value))
-  base_rng = jax.random.key(_SEED.value + 1)
+      k_feat, (b, sizes["regions"], sizes["feature_dim"])))
+  np_rng = np.random.RandomState(seed)
+  tokens = jnp.asarray(random_tokens(np_rng, b, t, sizes["vocab_size"]))
+  base_rng = jax.random.key(seed + 1)
 
-  train_step = make_train_step(optimizer, _DROPOUT.value, _ALPHA_C.value)
+  train_step = make_train_step(optimizer, dropout_rate, alpha_c)
   compiled, compile_s = _jit_compile(train_step, params, opt_state, features,
                                      tokens, base_rng)
   row("train step compile (s)", f"{compile_s:.2f}", "lower + compile")
@@ -311,8 +438,8 @@ def main(argv):
   if not np.isfinite(first_loss):
     raise SystemExit(f"The training step gave a non-finite loss "
                      f"({first_loss}); the benchmark sizes are broken.")
-  step_s, best_s = (s / _STEPS.value for s in _seconds(
-      lambda: run_steps(_STEPS.value), _REPEATS.value))
+  step_s, best_s = (s / steps for s in _seconds(
+      lambda: run_steps(steps), repeats))
   flops_items = forward_flops(**sizes)
   forward = sum(flops_items.values())
   analytic = 3 * forward
@@ -326,8 +453,8 @@ def main(argv):
                                     tokens[:, :2], base_rng)[0])
   analytic_t1 = 3 * sum(forward_flops(**dict(sizes, length=1)).values())
   row("train steps/s", f"{1 / step_s:.2f}",
-      f"{step_s * 1e3:.0f} ms/step, median of {_REPEATS.value} x "
-      f"{_STEPS.value} steps (best {best_s * 1e3:.0f} ms)")
+      f"{step_s * 1e3:.0f} ms/step, median of {repeats} x "
+      f"{steps} steps (best {best_s * 1e3:.0f} ms)")
   row("train tokens/s", f"{b * t / step_s:.0f}", f"B*T = {b * t} per step")
   row("step GFLOP, analytic", f"{analytic / 1e9:.2f}",
       f"3 x {forward / 1e9:.2f} forward matmul GFLOP")
@@ -338,55 +465,374 @@ def main(argv):
   row("step GFLOP at T=1: XLA/analytic", f"{xla_t1 / 1e9:.2f}/"
       f"{analytic_t1 / 1e9:.2f}", f"{xla_t1 / analytic_t1:.0%}, no loop")
   row("train GFLOP/s (analytic)", f"{analytic / step_s / 1e9:.1f}",
-      f"{analytic / step_s / 1e9 / peak:.0%} of matmul peak (best repeat "
-      f"{analytic / best_s / 1e9 / peak:.0%})")
+      f"{analytic / step_s / 1e9 / peak:.0%} of f32 matmul peak (best "
+      f"repeat {analytic / best_s / 1e9 / peak:.0%})")
+  return flops_items
 
-  # Beam search, with freshly initialised parameters: the trained ones have
-  # learnt that EOS is the most frequent target and would end every beam
-  # after two steps. A random decoder rarely emits EOS, so all steps run.
+
+def beam_section(*, sizes: dict[str, Any], beam_batch: int,
+                 beam_sizes: list[int], beam_length: int, beam_repeats: int,
+                 decode_dtypes: list[str], seed: int) -> None:
+  """Times batched beam search on random features and prints its rows.
+
+  Args:
+    sizes: `forward_flops`'s keyword arguments (`batch` and `length` unused).
+    beam_batch: images per beam batch.
+    beam_sizes: beam widths.
+    beam_length: max_length of the search.
+    beam_repeats: timed beam batches (median).
+    decode_dtypes: `config.decode_dtype` values.
+    seed: seeds parameters and features.
+  """
+  # Freshly initialised parameters: trained ones have learnt that EOS is the
+  # most frequent target and would end every beam after two steps. A random
+  # decoder rarely emits EOS, so all steps run.
+  k_params, k_feat = jax.random.split(jax.random.key(seed))
   params = decoder.init(
-      k_params, vocab_size=_VOCAB.value, feature_dim=_FEATURE_DIM.value,
-      embed_dim=_EMBED.value, hidden_dim=_HIDDEN.value,
-      attention_dim=_ATTENTION.value, gate=_GATE.value,
-      deep_output=_DEEP.value)
+      k_params, vocab_size=sizes["vocab_size"],
+      feature_dim=sizes["feature_dim"], embed_dim=sizes["embed_dim"],
+      hidden_dim=sizes["hidden_dim"], attention_dim=sizes["attention_dim"],
+      gate=sizes["gate"], deep_output=sizes["deep_output"])
   beam_features = jax.nn.relu(jax.random.normal(
       jax.random.fold_in(k_feat, 1),
-      (_BEAM_BATCH.value, _REGIONS.value, _FEATURE_DIM.value)))
+      (beam_batch, sizes["regions"], sizes["feature_dim"])))
   per_step = forward_flops(**dict(sizes, batch=1, length=1))
   once = sum(v for k, v in per_step.items() if "B*R" in k or "init" in k)
   # The LSTM's word rows are a table lookup in decoding (`word_gates`,
   # built with the decoding weights), not a per-step matmul.
-  word_rows = 2 * _EMBED.value * 4 * _HIDDEN.value
+  word_rows = 2 * sizes["embed_dim"] * 4 * sizes["hidden_dim"]
   step_flops = sum(per_step.values()) - once - word_rows
-  images = _BEAM_BATCH.value
-  for dtype_name in _DECODE_DTYPES.value:
+  images = beam_batch
+  for dtype_name in decode_dtypes:
     prepare = functools.partial(model.decoding_weights, params, dtype_name)
     weights = jax.block_until_ready(prepare())  # Compiles.
     prepare_s, _ = _seconds(prepare, 3)
     row(f"decoding weights, {dtype_name} (ms)", f"{prepare_s * 1e3:.0f}",
         "once per checkpoint, not per batch: fused, cast, word table")
-    for beam_size in [int(k) for k in _BEAM_SIZES.value]:
-      length = _BEAM_LENGTH.value
+    for beam_size in beam_sizes:
       beam_fn, beam_compile_s = _timed_compile(
-          make_beam_fn(beam_size, length), weights, beam_features)
+          make_beam_fn(beam_size, beam_length), weights, beam_features)
       final = beam_fn(weights, beam_features)  # Warm-up.
       ran = int(final.step)
       beam_s, _ = _seconds(functools.partial(beam_fn, weights, beam_features),
-                           _BEAM_REPEATS.value)
+                           beam_repeats)
       # Features are projected once per image; the first step runs one row
       # per image (every beam is the same), the others K rows.
       flops = images * (once + (1 + (ran - 1) * beam_size) * step_flops)
       row(f"beam {beam_size} images/s, {dtype_name}", f"{images / beam_s:.1f}",
-          f"batch {images}, {ran}/{length} steps ran, "
+          f"batch {images}, {ran}/{beam_length} steps ran, "
           f"{beam_s * 1e3:.0f} ms/batch, {flops / beam_s / 1e9:.0f} GFLOP/s, "
           f"compile {beam_compile_s:.1f} s")
-      if ran != length:
-        print(f"  warning: beam {beam_size} stopped after {ran} of {length} "
-              "steps; its images/s is not comparable.")
+      if ran != beam_length:
+        print(f"  warning: beam {beam_size} stopped after {ran} of "
+              f"{beam_length} steps; its images/s is not comparable.")
 
-  print("\nforward matmul GFLOP of one training step:")
-  for name, value in flops_items.items():
-    print(f"  {name:<34} {value / 1e9:8.3f}")
+
+def coco_config(variant: str, dtype_name: str, *, per_device_batch: int,
+                image_size: int, resnet_size: str) -> Any:
+  """The config of one end-to-end variant on this process's devices.
+
+  Args:
+    variant: a `COCO_VARIANTS` key: its config module sets
+      `lr_mults.encoder`.
+    dtype_name: `config.dtype`.
+    per_device_batch: images per device.
+    image_size: `config.image_size`.
+    resnet_size: `config.model.resnet_size`.
+
+  Returns:
+    The config, its global batch `per_device_batch` x local devices.
+  """
+  devices = jax.local_device_count()
+  config = COCO_VARIANTS[variant].get_config(str(devices))
+  config.batch_size = per_device_batch * devices
+  config.image_size = image_size
+  config.model.resnet_size = resnet_size
+  config.dtype = dtype_name
+  return config
+
+
+def coco_state(config: Any, params: Params, batch_stats: Any
+               ) -> state_lib.TrainState:
+  """`state.create_train_state`'s state at step 0, around copies of `params`.
+
+  The random parameters are drawn once for every variant, as neither the
+  dtype nor `lr_mults` changes them (ResNet-101's random init takes half a
+  minute on a CPU); copies, because the step donates its state.
+  """
+  params, batch_stats = jax.tree.map(jnp.copy, (params, batch_stats))
+  state = state_lib.TrainState.create(
+      apply_fn=None, params=params,
+      tx=optimizer_lib.create(config, list(params)), batch_stats=batch_stats)
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def time_coco_step(config: Any, params: Params, batch_stats: Any, *,
+                   vocab_size: int, steps: int, repeats: int, seed: int
+                   ) -> dict[str, float]:
+  """Times `step.compile_steps(config)`'s train step on random inputs.
+
+  The batch (uint8 images and captions of `config.max_caption_length`
+  words) is placed on the devices once, as `prefetch_to_device` does in
+  training, so the time is the step's alone.
+
+  Args:
+    config: the run config (`coco_config`).
+    params: `model.init`'s parameters for `config` (copied, not consumed).
+    batch_stats: and its BatchNorm statistics.
+    vocab_size: V.
+    steps: steps per timed repeat.
+    repeats: timed repeats.
+    seed: seeds the data.
+
+  Returns:
+    `step_s` (median) and `best_s` seconds per step, `compile_s`, and
+    per-device FLOPs of one step: `dot`, `conv` (scans times their length),
+    `once` (scan bodies once) and `xla` (XLA's cost analysis, loop bodies
+    once).
+  """
+  devices = jax.local_device_count()
+  per_device = config.batch_size // devices
+  size = config.image_size
+  state = coco_state(config, params, batch_stats)
+  p_train_step, _ = step_lib.compile_steps(config)
+  np_rng = np.random.RandomState(seed)
+  tokens = random_tokens(np_rng, config.batch_size,
+                         config.max_caption_length + 1, vocab_size)
+  batch = {"image": np_rng.randint(0, 256, (devices, per_device, size, size, 3),
+                                   dtype=np.uint8),
+           "tokens": tokens.reshape(devices, per_device, -1)}
+  batch = next(flax.jax_utils.prefetch_to_device(iter([batch]), 1))
+  base_rng = jax.random.key(seed + 1)
+  jaxpr = jax.make_jaxpr(p_train_step)(state, batch, base_rng).jaxpr
+  flops = jaxpr_flops(jaxpr)
+  once = jaxpr_flops(jaxpr, loops=False)
+  compiled, compile_s = _jit_compile(p_train_step, state, batch, base_rng)
+
+  def run(count):
+    nonlocal state
+    metrics = None
+    for _ in range(count):
+      state, metrics = compiled(state, batch, base_rng)
+    return metrics
+
+  loss = float(run(2)["loss"])  # Warm-up.
+  if not np.isfinite(loss):
+    raise SystemExit(f"The COCO step gave a non-finite loss ({loss}); the "
+                     "benchmark sizes are broken.")
+  step_s, best_s = (s / steps for s in _seconds(lambda: run(steps), repeats))
+  return {"step_s": step_s, "best_s": best_s, "compile_s": compile_s,
+          "dot": flops["dot"], "conv": flops["conv"],
+          "once": once["dot"] + once["conv"], "xla": _cost_flops(compiled)}
+
+
+def coco_section(*, variants: list[str], dtypes: list[str],
+                 per_device_batch: int, image_size: int, resnet_size: str,
+                 vocab_size: int, steps: int, repeats: int, seed: int,
+                 peaks: dict[str, float]) -> dict[tuple[str, str], float]:
+  """Times the end-to-end COCO step per variant and dtype; prints its rows.
+
+  Args:
+    variants: `COCO_VARIANTS` keys.
+    dtypes: `config.dtype` values.
+    per_device_batch: images per device.
+    image_size: `config.image_size`.
+    resnet_size: `config.model.resnet_size`.
+    vocab_size: V.
+    steps: steps per timed repeat.
+    repeats: timed repeats (median).
+    seed: seeds parameters and data.
+    peaks: matmul GFLOP/s of one device per dtype name.
+
+  Returns:
+    Images/s of one device per (variant, dtype).
+  """
+  devices = jax.local_device_count()
+  sizes = dict(per_device_batch=per_device_batch, image_size=image_size,
+               resnet_size=resnet_size)
+  start = time.perf_counter()
+  params, batch_stats = jax.block_until_ready(jax.jit(functools.partial(
+      model.init, config=coco_config(variants[0], dtypes[0], **sizes),
+      vocab_size=vocab_size))(jax.random.key(seed)))
+  row("coco random init (s)", f"{time.perf_counter() - start:.1f}",
+      "model.init, jitted; once for all variants")
+  rates = {}
+  for variant in variants:
+    for dtype_name in dtypes:
+      config = coco_config(variant, dtype_name, **sizes)
+      timed = time_coco_step(config, params, batch_stats,
+                             vocab_size=vocab_size, steps=steps,
+                             repeats=repeats, seed=seed)
+      name = f"coco {variant} {dtype_name}"
+      step_s, best_s = timed["step_s"], timed["best_s"]
+      rates[variant, dtype_name] = per_device_batch / step_s
+      row(f"{name} images/s", f"{config.batch_size / step_s:.1f}",
+          f"{step_s * 1e3:.0f} ms/step (best {best_s * 1e3:.0f}), median of "
+          f"{repeats} x {steps}, {per_device_batch}/device x {devices}, "
+          f"compile {timed['compile_s']:.0f} s")
+      flops = timed["dot"] + timed["conv"]
+      row(f"{name} GFLOP/image", f"{flops / per_device_batch / 1e9:.2f}",
+          f"convs {timed['conv'] / per_device_batch / 1e9:.2f} + matmuls "
+          f"{timed['dot'] / per_device_batch / 1e9:.2f}; XLA cost analysis "
+          f"{timed['xla'] / timed['once']:.0%} of jaxpr, loops once")
+      peak = peaks[dtype_name]
+      row(f"{name} utilisation", f"{flops / step_s / 1e9 / peak:.1%}",
+          f"{flops / step_s / 1e9:.0f} GFLOP/s/device of the "
+          f"{dtype_name} matmul peak {peak:.0f} (best repeat "
+          f"{flops / best_s / 1e9 / peak:.1%})")
+  return rates
+
+
+def pipeline_section(*, dataset: str, data_dir: str, batches: int,
+                     shuffle_buffer: int, feed_rate: float, feed_note: str
+                     ) -> None:
+  """Times the training input pipeline alone and prints its rows.
+
+  `TfdsSource(config).train_dataset` of `configs/coco.py` (JPEG decode,
+  resize, caption choice and tokenisation, batching), once on one tf.data
+  thread and once on all cores, and the host cores that keep one
+  accelerator fed. Skipped, with one line, where TensorFlow or TFDS is
+  missing.
+
+  Args:
+    dataset: the TFDS set (`config.dataset`).
+    data_dir: its TFDS data_dir; "" is TFDS's default.
+    batches: timed batches per run.
+    shuffle_buffer: `config.shuffle_buffer_size`.
+    feed_rate: images/s of one accelerator; 0 leaves out the cores row.
+    feed_note: where `feed_rate` comes from.
+  """
+  # Before TensorFlow loads: its C++ start-up lines would break the table.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  try:
+    # Imported here: the rest of the benchmark runs where TensorFlow is not
+    # installed (accelerator images).
+    # pylint: disable=g-import-not-at-top
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from visionspeak_jax import input_pipeline
+    # pylint: enable=g-import-not-at-top
+  except ImportError as e:
+    print(f"  input pipeline: skipped, {e.name} is not installed", flush=True)
+    return
+  tf.get_logger().setLevel("ERROR")  # AutoGraph's notes on the lambdas.
+  tfds.disable_progress_bar()
+  # TensorFlow would otherwise reserve the accelerators' memory.
+  tf.config.set_visible_devices([], "GPU")
+  config = coco.get_config("1")  # One accelerator's batch.
+  config.dataset = dataset
+  config.data_dir = data_dir
+  config.shuffle_buffer_size = shuffle_buffer
+  start = time.perf_counter()
+  source = input_pipeline.TfdsSource(config)  # Generates it if needed.
+  open_s = time.perf_counter() - start
+  start = time.perf_counter()
+  vocab = vocabulary.Vocabulary.build(source.captions(config.train_split),
+                                      min_count=config.vocab_min_count)
+  row("pipeline vocabulary (words)", len(vocab),
+      f"{dataset} {config.train_split}, built in "
+      f"{time.perf_counter() - start:.0f} s (open/prepare {open_s:.0f} s)")
+  images = batches * config.batch_size
+  per_cpu_second = None
+  for threads in (1, None):
+    ds = source.train_dataset(vocab, seed=0, process_index=0, process_count=1)
+    if threads:
+      options = tf.data.Options()
+      options.threading.private_threadpool_size = threads
+      options.threading.max_intra_op_parallelism = threads
+      ds = ds.with_options(options)
+    iterator = ds.as_numpy_iterator()
+    # The first batch waits for the shuffle buffer; the next ones stream.
+    for _ in range(3):
+      next(iterator)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+      next(iterator)
+    wall_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu
+    del iterator
+    name = "1 thread" if threads else f"all {os.cpu_count()} cores"
+    row(f"pipeline images/s, {name}", f"{images / wall_s:.0f}",
+        f"{images / cpu_s:.0f} per CPU-second of this process, {batches} "
+        f"batches of {config.batch_size} at {config.image_size} px")
+    # The one-thread run's CPU time also holds TFDS's file reading and the
+    # Python consumer, which one core must do as well.
+    per_cpu_second = per_cpu_second or images / cpu_s
+  if feed_rate > 0:
+    row("host cores per accelerator", f"{feed_rate / per_cpu_second:.2f}",
+        f"{feed_rate:.0f} images/s ({feed_note}) / {per_cpu_second:.0f} "
+        "images per CPU-second (1 thread)")
+
+
+def main(argv):
+  del argv
+  # The table is the output: TFDS's progress lines would break it up.
+  logging.set_verbosity(logging.WARNING)
+  sizes = dict(batch=_BATCH.value, length=_LENGTH.value,
+               regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
+               vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
+               hidden_dim=_HIDDEN.value, attention_dim=_ATTENTION.value,
+               gate=_GATE.value, deep_output=_DEEP.value)
+  device = jax.devices()[0]
+  # Wall-time numbers halve when anything else runs: say so up front.
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"jax {jax.__version__}, {device.platform}: {device.device_kind} x "
+        f"{jax.device_count()} ({jax.local_device_count()} local), "
+        f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {load:.1f}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"decoder sizes: B={_BATCH.value} T={_LENGTH.value} "
+        f"R={_REGIONS.value} C={_FEATURE_DIM.value} V={_VOCAB.value} "
+        f"E={_EMBED.value} H={_HIDDEN.value} A={_ATTENTION.value} "
+        f"gate={_GATE.value} deep={_DEEP.value} dropout={_DROPOUT.value}")
+  print(f"COCO step: configs/coco.py, ResNet-{_COCO_RESNET.value} at "
+        f"{_COCO_IMAGE_SIZE.value} px, {_COCO_BATCH.value} images/device, "
+        f"V={_VOCAB.value}\n")
+
+  n = _PEAK_SIZE.value or (2048 if device.platform == "cpu" else 8192)
+  peaks = {}
+  for dtype_name in ("float32", "bfloat16"):
+    peaks[dtype_name] = matmul_peak(n, dtype=model.DTYPES[dtype_name]
+                                    or jnp.float32)
+    row(f"matmul peak {dtype_name} (GFLOP/s)", f"{peaks[dtype_name]:.1f}",
+        f"[{n},{n}]@[{n},{n}], float32 sums, best of 10")
+
+  rates = {}
+  if _COCO_VARIANTS.value:
+    rates = coco_section(
+        variants=_COCO_VARIANTS.value, dtypes=_COCO_DTYPES.value,
+        per_device_batch=_COCO_BATCH.value,
+        image_size=_COCO_IMAGE_SIZE.value, resnet_size=_COCO_RESNET.value,
+        vocab_size=_VOCAB.value, steps=_COCO_STEPS.value,
+        repeats=_COCO_REPEATS.value, seed=_SEED.value, peaks=peaks)
+
+  flops_items = None
+  if _DECODER_STEP.value:
+    flops_items = decoder_step_section(
+        sizes=sizes, dropout_rate=_DROPOUT.value, alpha_c=_ALPHA_C.value,
+        steps=_STEPS.value, repeats=_REPEATS.value, seed=_SEED.value,
+        peak=peaks["float32"])
+  if _BEAM_SIZES.value:
+    beam_section(
+        sizes=sizes, beam_batch=_BEAM_BATCH.value,
+        beam_sizes=[int(k) for k in _BEAM_SIZES.value],
+        beam_length=_BEAM_LENGTH.value, beam_repeats=_BEAM_REPEATS.value,
+        decode_dtypes=_DECODE_DTYPES.value, seed=_SEED.value)
+
+  if _PIPELINE_DATASET.value:
+    feed_rate, feed_note = _FEED_RATE.value, "--feed_rate"
+    if not feed_rate and ("frozen", "bfloat16") in rates:
+      feed_rate = rates["frozen", "bfloat16"]
+      feed_note = "coco frozen bfloat16 above, per device"
+    pipeline_section(
+        dataset=_PIPELINE_DATASET.value, data_dir=_PIPELINE_DATA_DIR.value,
+        batches=_PIPELINE_BATCHES.value,
+        shuffle_buffer=_PIPELINE_SHUFFLE.value, feed_rate=feed_rate,
+        feed_note=feed_note)
+
+  if flops_items:
+    print("\nforward matmul GFLOP of one decoder training step:")
+    for name, value in flops_items.items():
+      print(f"  {name:<34} {value / 1e9:8.3f}")
 
 
 if __name__ == "__main__":
