@@ -73,6 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
   # softmax and loss in float32), as flax/examples/imagenet's half_precision.
   config.dtype = "float32"
 
+  # Training objective: "xe" (cross-entropy on the references) or "scst"
+  # (self-critical: CIDEr-D rewards of sampled captions, see
+  # visionspeak_jax/scst.py), started from an "xe" run with init_from.
+  config.objective = "xe"
+  config.scst = ml_collections.ConfigDict()
+  config.scst.num_samples = 5  # K captions sampled per image and step.
+  # "mean": each sample's baseline is the mean reward of the image's other
+  # K - 1 samples; "greedy": the reward of the image's greedy caption.
+  config.scst.baseline = "mean"
+  config.scst.num_references = 5  # References per image the rewards use.
+
   # Optimisation.
   config.batch_size = 64  # Global batch; divisible by the device count.
   config.eval_batch_size = 64  # Global evaluation batch.

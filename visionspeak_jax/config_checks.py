@@ -32,7 +32,7 @@ _AT_LEAST_ONE = (
     "max_checkpoints_to_keep", "beam_size", "max_decode_length",
     "max_caption_length", "vocab_min_count", "shuffle_buffer_size",
     "prefetch_batches", "model.embed_dim", "model.attention_dim",
-    "model.hidden_dim", "model.resnet_width")
+    "model.hidden_dim", "model.resnet_width", "scst.num_references")
 # Fields that must be >= 0.
 _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip_norm", "alpha_c", "length_penalty")
@@ -40,6 +40,8 @@ _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
 _CHOICES = {
     "data_source": DATA_SOURCES,
     "dtype": tuple(model.DTYPES),
+    "objective": ("xe", "scst"),
+    "scst.baseline": ("mean", "greedy"),
     "decode_dtype": tuple(model.DTYPES),
     "model.gate": decoder.GATES,
     "model.resnet_size": tuple(resnet.SIZES),
@@ -88,6 +90,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"config.{path} must be one of {', '.join(choices)}, got "
           f"{value!r}: fix --config.{path}.")
+  if config.objective == "scst" and config.scst.num_samples < 2:
+    raise errors.ConfigError(
+        f"config.scst.num_samples must be >= 2 for self-critical training, "
+        f"got {config.scst.num_samples!r}: fix --config.scst.num_samples.")
   if not 0 <= config.model.dropout_rate < 1:
     raise errors.ConfigError(
         f"config.model.dropout_rate must be in [0, 1), got "

@@ -31,6 +31,9 @@ class DataSource(Protocol):
   run_info: dict[str, Any]
   description: str  # For the log.
 
+  def references(self, split: str) -> Iterator[list[str]]:
+    """Each example's reference captions (self-critical rewards)."""
+
   def captions(self, split: str) -> Iterator[str]:
     """Every reference caption of a split (for the vocabulary)."""
 
@@ -38,7 +41,9 @@ class DataSource(Protocol):
                     skip_batches: int = 0,
                     process_index: int | None = None,
                     process_count: int | None = None) -> tf.data.Dataset:
-    """Endless batches of this process's share: `input_key` and `tokens`.
+    """Endless batches of this process's share: `input_key` and `tokens`
+    (and `references` for a self-critical run, see
+    `input_pipeline.sample_captions`).
 
     The order is a function of `seed`; a run resumed at step s passes
     `skip_batches=s` and reads what the uninterrupted run would have.

@@ -242,12 +242,15 @@ class FeatureCache:
                                  else self.files(split))
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def captions(self, split: str) -> Iterator[str]:
-    """Every reference caption of a split (for the vocabulary)."""
+  def references(self, split: str) -> Iterator[list[str]]:
+    """Each example's reference captions, in the cache's order."""
     ds = self._records(split).map(lambda ex: ex["captions"])
     for texts in ds.as_numpy_iterator():
-      for t in texts:
-        yield t.decode("utf-8")
+      yield [t.decode("utf-8") for t in texts]
+
+  def captions(self, split: str) -> Iterator[str]:
+    """Every reference caption of a split (for the vocabulary)."""
+    return (c for texts in self.references(split) for c in texts)
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
                     skip_batches: int = 0,

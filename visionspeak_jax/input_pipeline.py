@@ -157,10 +157,24 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
 
   Returns:
     Batches of this process's share, with `tokens` int32
-    [b, max_caption_length + 2] in place of `texts`.
+    [b, max_caption_length + 2] in place of `texts`; for a self-critical
+    run (`config.objective == "scst"`) also `references` int32
+    [b, N, max_caption_length + 2], the example's first N =
+    `config.scst.num_references` captions encoded the same way (PAD rows
+    where it has fewer), which its rewards score against.
   """
   table = make_token_table(vocab)
   max_words = config.max_caption_length
+  num_references = (config.scst.num_references
+                    if config.get("objective", "xe") == "scst" else 0)
+
+  def encode_references(texts):
+    texts = texts[:num_references]
+    refs = tf.map_fn(lambda t: encode_caption(t, table, max_words), texts,
+                     fn_output_signature=tf.int32)
+    missing = num_references - tf.shape(texts)[0]
+    return tf.pad(refs, [[0, missing], [0, 0]],
+                  constant_values=vocab_lib.PAD_ID)
 
   def pick_caption(index, ex):
     ex = dict(ex)
@@ -170,6 +184,8 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
         [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
         maxval=tf.shape(texts, out_type=tf.int64)[0], dtype=tf.int64)
     ex["tokens"] = encode_caption(texts[pick], table, max_words)
+    if num_references:
+      ex["references"] = encode_references(texts)
     return ex
 
   if config.cache_train_images:
@@ -216,11 +232,15 @@ class TfdsSource:
   def description(self) -> str:
     return f"{self.builder.name} images from {self.builder.data_dir}"
 
-  def captions(self, split: str) -> Iterator[str]:
-    """Every reference caption of a split (for the vocabulary)."""
+  def references(self, split: str) -> Iterator[list[str]]:
+    """Each example's reference captions, in the split's order."""
     ds = _read_split(self.builder, split, skip_images=True)
     ds = ds.map(lambda ex: ex["captions"]["text"])
-    return (c.decode("utf-8") for texts in tfds.as_numpy(ds) for c in texts)
+    return ([c.decode("utf-8") for c in texts] for texts in tfds.as_numpy(ds))
+
+  def captions(self, split: str) -> Iterator[str]:
+    """Every reference caption of a split (for the vocabulary)."""
+    return (c for texts in self.references(split) for c in texts)
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
                     skip_batches: int = 0,

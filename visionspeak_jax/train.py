@@ -30,6 +30,7 @@ from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
 from visionspeak_jax import model
 from visionspeak_jax import restore
+from visionspeak_jax import scst
 from visionspeak_jax import state as state_lib
 from visionspeak_jax import step as step_lib
 from visionspeak_jax import vocabulary as vocab_lib
@@ -184,6 +185,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   metrics_log.resume(start_step)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step, p_predict = step_lib.compile_steps(config)
+  if config.objective == "scst":
+    p_train_step = scst.SelfCriticalStep(config, scst.document_frequencies(
+        config, workdir, source.references(config.train_split), vocab))
   num_devices = jax.local_device_count()
   train_ds = source.train_dataset(vocab, seed=config.seed,
                                   skip_batches=start_step)

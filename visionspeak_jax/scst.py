@@ -1,0 +1,270 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017).
+
+After cross-entropy training, the decoder is trained on its own samples:
+for each image K captions are sampled (temperature 1, no dropout), each is
+rewarded with its CIDEr-D against the image's references, and the loss is
+
+  -(reward - baseline) * sum_t log p(w_t)   (up to and including EOS)
+
+averaged over the B x K samples. The baseline is the mean reward of the
+image's other K - 1 samples ("mean", the default; no extra decoding) or the
+reward of its greedy caption ("greedy", Rennie et al.'s original).
+
+One step is three parts:
+1. on the devices (pmapped): the features, K samples per image (and the
+   greedy captions for that baseline);
+2. on the host: the rewards. CIDEr-D is a bag of n-gram dictionaries, a poor
+   fit for an accelerator; on the host it costs a few milliseconds for a
+   batch (benchmarks/cider.py), each process scores its own images against
+   the document frequencies of the whole training split, and the samples
+   are small integer arrays;
+3. on the devices (pmapped): the policy-gradient update. The samples'
+   log-probabilities come from `fast_decoder.teacher_forced` on the samples
+   as inputs, which gives exactly the log-probabilities the sampler drew
+   them with (same parameters, no dropout), through the fast custom VJP.
+
+The step is a function of (state, batch, base key) like the cross-entropy
+step: samples draw with the key folded with the step and the device, and
+the rewards are deterministic, so a resumed run continues exactly.
+"""
+
+import functools
+import os
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+from etils import epath
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from visionspeak_jax import cider
+from visionspeak_jax import decoding
+from visionspeak_jax import fast_decoder
+from visionspeak_jax import model
+from visionspeak_jax import optimizer
+from visionspeak_jax import state as state_lib
+from visionspeak_jax import vocabulary as vocab_lib
+
+BASELINES = ("mean", "greedy")
+OBJECTIVES = ("xe", "scst")
+# The document frequencies of the training references, saved in WORKDIR.
+DF_FILE = "cider_df.npz"
+
+
+def words(tokens: Iterable[int]) -> tuple[int, ...]:
+  """Token ids up to the first EOS, without BOS and PAD: what CIDEr reads."""
+  out = []
+  for t in tokens:
+    t = int(t)
+    if t == vocab_lib.EOS_ID:
+      break
+    if t not in (vocab_lib.PAD_ID, vocab_lib.BOS_ID):
+      out.append(t)
+  return tuple(out)
+
+
+def document_frequencies(config: ml_collections.ConfigDict, workdir: str,
+                         references: Iterable[Sequence[str]],
+                         vocab: vocab_lib.Vocabulary
+                         ) -> cider.DocumentFrequencies:
+  """The run's CIDEr-D document frequencies: loaded, or built and saved.
+
+  Built once from the training split's references (as word ids of the
+  run's vocabulary, the tokens the samples are made of) and kept in
+  WORKDIR, so a resumed run scores with the same statistics.
+
+  Args:
+    config: the run config.
+    workdir: the run's directory.
+    references: each training image's reference captions (called only
+      when the file is not there yet).
+    vocab: the run's vocabulary.
+  """
+  del config  # The statistics depend on the data and the vocabulary only.
+  path = os.path.join(workdir, DF_FILE)
+  if epath.Path(path).exists():
+    return cider.DocumentFrequencies.load(path)
+  df = cider.DocumentFrequencies.build(
+      [[tuple(vocab.encode(c)) for c in refs] for refs in references])
+  if jax.process_index() == 0:
+    df.save(path)
+  logging.info("CIDEr-D document frequencies of %d training images.",
+               df.num_images)
+  return df
+
+
+def sequence_mask(samples: jax.Array) -> jax.Array:
+  """1.0 on a sample's words up to and including its first EOS, else 0.0.
+
+  Not `samples != PAD`: a sampler may draw any word, PAD and BOS included,
+  before its EOS, and those draws count in the sample's probability.
+  """
+  is_eos = samples == vocab_lib.EOS_ID
+  return (jnp.cumsum(is_eos, axis=1) - is_eos == 0).astype(jnp.float32)
+
+
+def _per_device_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(rng, step),
+                            lax.axis_index("batch"))
+
+
+def sample_step(params: Any, batch_stats: Any, inputs: dict[str, jax.Array],
+                step: jax.Array, rng: jax.Array, *,
+                config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """K sampled captions per image (and the greedy one), on one device.
+
+  Returns:
+    `samples` int32 [b * K, L] (row i * K + k: image i), PAD after EOS; with
+    the greedy baseline also `greedy` int32 [b, L].
+  """
+  k = config.scst.num_samples
+  feats, _ = model.features(model.create_encoder(config), params,
+                            batch_stats, inputs, train=False)
+  weights = fast_decoder.decoding_weights(params["decoder"],
+                                          model.compute_dtype(config))
+  step_fn, start = model.make_step_fn(weights, feats)
+  b = feats.shape[0]
+  ids = dict(bos_id=vocab_lib.BOS_ID, eos_id=vocab_lib.EOS_ID,
+             pad_id=vocab_lib.PAD_ID)
+  samples = decoding.sample(
+      step_fn, jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), start),
+      b * k, config.max_decode_length, _per_device_key(rng, step), **ids)
+  out = {"samples": samples.tokens}
+  if config.scst.baseline == "greedy":
+    out["greedy"] = decoding.greedy(step_fn, start, b,
+                                    config.max_decode_length, **ids).tokens
+  return out
+
+
+def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
+                config: ml_collections.ConfigDict
+                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+  """The policy-gradient update on this device's samples.
+
+  Args:
+    state: the train state.
+    batch: the model input (`image` or `features`) [b, ...], `samples` int32
+      [b * K, L] and `advantages` float32 [b * K] (reward - baseline).
+    config: the run config.
+
+  Returns:
+    (new state, metrics averaged over devices).
+  """
+  k = config.scst.num_samples
+  encoder = model.create_encoder(config, axis_name="batch")
+  samples = batch["samples"]
+  tokens_in = jnp.concatenate(
+      [jnp.full_like(samples[:, :1], vocab_lib.BOS_ID), samples[:, :-1]], 1)
+  mask = sequence_mask(samples)
+  trained, frozen = optimizer.trainable(config, state.params)
+  frozen = lax.stop_gradient(frozen)
+
+  def loss_fn(trained):
+    params = {**frozen, **trained}
+    feats, batch_stats = model.features(encoder, params, state.batch_stats,
+                                        batch, train="encoder" in trained)
+    logits, _ = fast_decoder.teacher_forced(
+        params["decoder"], jnp.repeat(feats, k, axis=0), tokens_in,
+        dtype=model.compute_dtype(config))  # [b * K, L, V]
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                   samples[..., None], -1)[..., 0]
+    sequence = (logprobs * mask).sum(1)  # [b * K]
+    # Every device has b * K samples: the pmean of these means is the
+    # gradient of the global mean.
+    loss = -(batch["advantages"] * sequence).mean()
+    return loss, (batch_stats, sequence)
+
+  grads, (batch_stats, sequence) = jax.grad(loss_fn, has_aux=True)(
+      lax.pcast(trained, "batch", to="varying"))
+  grads = {**jax.tree.map(jnp.zeros_like, frozen), **lax.pmean(grads, "batch")}
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = lax.pmean({
+      "loss": -(batch["advantages"] * sequence).mean(),
+      "sample_logprob": sequence.mean(),
+      "sample_length": mask.sum(1).mean(),
+  }, "batch")
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["finite"] = (jnp.isfinite(metrics["loss"]) &
+                       jnp.isfinite(optax.tree.norm(state.params)))
+  return state, metrics
+
+
+def advantages(rewards: np.ndarray, baseline: np.ndarray | None = None
+               ) -> np.ndarray:
+  """reward - baseline for [B, K] rewards.
+
+  Args:
+    rewards: [B, K], the K samples of each image.
+    baseline: [B] rewards of the greedy captions, or None for the mean of
+      each sample's K - 1 siblings.
+  """
+  if baseline is not None:
+    return rewards - baseline[:, None]
+  k = rewards.shape[1]
+  others = (rewards.sum(1, keepdims=True) - rewards) / (k - 1)
+  return rewards - others
+
+
+class SelfCriticalStep:
+  """`step.compile_steps`'s train step for `config.objective == "scst"`.
+
+  Called as the cross-entropy step is, `(state, batch, rng) -> (state,
+  metrics)`, with device-sharded batches that also hold `references`
+  [devices, b, N, T + 2] (see `input_pipeline.sample_captions`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               df: cider.DocumentFrequencies,
+               devices: list[jax.Device] | None = None):
+    self.config = config
+    self.scorer = cider.CiderD(df)
+    self.p_sample = jax.pmap(
+        functools.partial(sample_step, config=config), axis_name="batch",
+        in_axes=(None, None, 0, None, None), devices=devices)
+    self.p_update = jax.pmap(
+        functools.partial(update_step, config=config), axis_name="batch",
+        in_axes=(None, 0), out_axes=(None, None),
+        donate_argnums=(0,) if jax.process_count() == 1 else (),
+        devices=devices)
+
+  def rewards(self, candidates: np.ndarray, references: np.ndarray
+              ) -> np.ndarray:
+    """CIDEr-D of [n * K, L] candidates against [n, N, T] references."""
+    k = len(candidates) // len(references)
+    refs = [[r for r in (words(row) for row in image) if r]
+            for image in references]
+    return self.scorer.score([words(c) for c in candidates], refs,
+                             np.repeat(np.arange(len(refs)), k))
+
+  def __call__(self, state: state_lib.TrainState, batch: dict[str, Any],
+               rng: jax.Array
+               ) -> tuple[state_lib.TrainState, dict[str, Any]]:
+    k = self.config.scst.num_samples
+    inputs = {key: v for key, v in batch.items()
+              if key in ("image", "features")}
+    out = self.p_sample(state.params, state.batch_stats, inputs, state.step,
+                        rng)
+    samples = np.asarray(out["samples"])  # [D, b * K, L]
+    references = np.asarray(batch["references"])  # [D, b, N, T + 2]
+    devices, b = references.shape[:2]
+    rewards = self.rewards(samples.reshape(devices * b * k, -1),
+                           references.reshape((devices * b,)
+                                              + references.shape[2:]))
+    rewards = rewards.reshape(devices * b, k)
+    greedy = None
+    if "greedy" in out:
+      greedy = self.rewards(np.asarray(out["greedy"]).reshape(devices * b, -1),
+                            references.reshape((devices * b,)
+                                               + references.shape[2:]))
+    adv = advantages(rewards, greedy).astype(np.float32)
+    state, metrics = self.p_update(
+        state, {**inputs, "samples": out["samples"],
+                "advantages": adv.reshape(devices, b * k)})
+    metrics = dict(metrics, reward=float(rewards.mean()))
+    if greedy is not None:
+      metrics["greedy_reward"] = float(greedy.mean())
+    return state, metrics
