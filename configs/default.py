@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   # K - 1 samples; "greedy": the reward of the image's greedy caption.
   config.scst.baseline = "mean"
   config.scst.num_references = 5  # References per image the rewards use.
+  # Weight of the references' cross-entropy added to the SCST loss.
+  config.scst.xe_weight = 0.0
 
   # Optimisation.
   config.batch_size = 64  # Global batch; divisible by the device count.

@@ -18,6 +18,9 @@ def get_config():
   config.scst.num_samples = 5
   config.scst.baseline = "mean"
   config.scst.num_references = 5
+  # The references' cross-entropy beside the reward: content F1 fell less
+  # with it (README, "Better captions: SCST").
+  config.scst.xe_weight = 1.0
   config.batch_size = 16  # x 5 samples: 80 captions per step.
   config.num_train_steps = 600
   config.learning_rate = 5e-5

@@ -140,12 +140,15 @@ def test_scst_run_from_a_cross_entropy_run_resumes_exactly(
   assert any(jax.tree.leaves(moved))
 
 
-def test_greedy_baseline(tiny_data_dir, xe_run, tmp_path):
+def test_greedy_baseline_and_mixed_cross_entropy(tiny_data_dir, xe_run,
+                                                 tmp_path):
   config = _scst_config(tiny_data_dir, init_from=xe_run)
   config.scst.baseline = "greedy"
+  config.scst.xe_weight = 0.5
   config.num_train_steps = 2
   config.eval_every_steps = 2
   workdir = str(tmp_path / "greedy")
   train.train_and_evaluate(config, workdir)
   records = [r for r in _records(workdir) if r["split"] == "train"]
   assert all("greedy_reward" in r for r in records)
+  assert all(r["xent"] > 0 for r in records)
