@@ -9,10 +9,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGE = "visionspeak_jax"
 # What must run where only jax/flax/optax/orbax/numpy/absl/ml_collections
 # exist (a stock JAX accelerator image): no TensorFlow, no TFDS.
-_TF_FREE = ("attention", "caption", "checkpoint", "decoder", "decoding",
-            "fast_decoder", "figures", "lstm", "metrics", "model",
-            "optimizer", "pretrained", "resnet", "restore", "shapes_words",
-            "state", "step", "vocabulary")
+_TF_FREE = ("attention", "caption", "checkpoint", "cider", "decoder",
+            "decoding", "fast_decoder", "figures", "lstm", "metrics", "model",
+            "optimizer", "pretrained", "resnet", "restore", "scst",
+            "shapes_words", "state", "step", "vocabulary")
 
 
 def _import_graph():
