@@ -23,7 +23,7 @@ _REFERENCES = {
 _EXACT = {1: "a red circle to the left of a blue square",
           2: "a yellow diamond below a green triangle",
           3: "a large purple circle"}
-_WRONG = {1: "a green diamond above a orange triangle",
+_WRONG = {1: "a green diamond above an orange triangle",
           2: "a red circle to the right of a blue circle",
           3: "two shapes from left to right"}
 

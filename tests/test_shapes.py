@@ -99,7 +99,17 @@ def test_caption_format(examples):
     for caption in captions:
       assert re.fullmatch(r"[a-z]+( [a-z]+)*", caption), caption
       assert len(caption.split()) <= 20, caption
-      assert "an" not in caption.split()
+      words = caption.split()
+      for article, word in zip(words, words[1:]):
+        # English articles: "an orange circle", "a large ...", never "a o...".
+        if article in ("a", "an"):
+          assert (article == "an") == (word[0] in "aeiou"), caption
+
+
+def test_orange_takes_an(examples):
+  oranges = [c for e in examples for c in e["captions"] if "orange" in c]
+  assert oranges and any("an orange" in c for c in oranges)
+  assert not any("a orange" in c for c in oranges)
 
 
 def test_every_caption_names_every_object(examples):
@@ -125,9 +135,9 @@ def test_two_object_relations(examples):
   assert len(two) > 50
   relations = set()
   pattern = re.compile(
-      r"(?:there is )?a (?:(?:small|large) )?(\w+) (\w+) "
+      r"(?:there is )?an? (?:(?:small|large) )?(\w+) (\w+) "
       r"(to the left of|to the right of|above|below) "
-      r"a (?:(?:small|large) )?(\w+) (\w+)")
+      r"an? (?:(?:small|large) )?(\w+) (\w+)")
   for e in two:
     with_relation = [c for c in e["captions"] if pattern.fullmatch(c)]
     assert len(with_relation) == 3, e["captions"]
@@ -154,9 +164,10 @@ def test_three_object_order(examples):
       assert caption.endswith("from top to bottom"), caption
       assert ys == sorted(ys), caption
     # The relation clauses name each neighbour pair correctly.
-    pattern = re.compile(r"a (\w+) (\w+) (to the left of|to the right of|"
-                         r"above|below) a (\w+) (\w+) which is (to the left of|"
-                         r"to the right of|above|below) a (\w+) (\w+)")
+    pattern = re.compile(r"an? (\w+) (\w+) (to the left of|to the right of|"
+                         r"above|below) an? (\w+) (\w+) which is (to the "
+                         r"left of|to the right of|above|below) an? (\w+) "
+                         r"(\w+)")
     c1, s1, r12, c2, s2, r23, c3, s3 = pattern.fullmatch(
         e["captions"][2]).groups()
     a, b, c = (_find(e["objects"], *k) for k in [(c1, s1), (c2, s2), (c3, s3)])

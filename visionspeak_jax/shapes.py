@@ -101,6 +101,11 @@ class _Object:
       return f"{self.size} {self.color} {self.shape}"
     return f"{self.color} {self.shape}"
 
+  def noun(self, with_size: bool = False) -> str:
+    """`words` with the article English wants: "an orange circle"."""
+    words = self.words(with_size)
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
 
 def _relation(a: _Object, b: _Object) -> str:
   """Where `a` lies relative to `b`, on the axis of larger separation."""
@@ -213,10 +218,10 @@ def _captions(objects: list[_Object]) -> list[str]:
   if len(objects) == 1:
     (o,) = objects
     return [
-        f"a {o.words()}",
-        f"a {o.words(True)}",
-        f"there is a {o.words()} in the image",
-        f"a {o.words()} on a plain background",
+        o.noun(),
+        o.noun(True),
+        f"there is {o.noun()} in the image",
+        f"{o.noun()} on a plain background",
         f"the image shows a single {o.words(True)}",
     ]
   axis = (_major_axis(*objects) if len(objects) == 2 else
@@ -230,20 +235,20 @@ def _captions(objects: list[_Object]) -> list[str]:
   if len(objects) == 2:
     a, b = ordered
     return [
-        f"a {a.words()} {_relation(a, b)} a {b.words()}",
-        f"a {b.words(True)} {_relation(b, a)} a {a.words(True)}",
-        f"a {a.words()} and a {b.words()} {forward}",
-        f"there is a {a.words(True)} {_relation(a, b)} a {b.words(True)}",
-        f"two shapes {backward} a {b.words()} and a {a.words()}",
+        f"{a.noun()} {_relation(a, b)} {b.noun()}",
+        f"{b.noun(True)} {_relation(b, a)} {a.noun(True)}",
+        f"{a.noun()} and {b.noun()} {forward}",
+        f"there is {a.noun(True)} {_relation(a, b)} {b.noun(True)}",
+        f"two shapes {backward} {b.noun()} and {a.noun()}",
     ]
   a, b, c = ordered
   return [
-      f"a {a.words()} a {b.words()} and a {c.words()} {forward}",
-      f"{forward} a {a.words(True)} a {b.words(True)} and a {c.words(True)}",
-      (f"a {a.words()} {_relation(a, b)} a {b.words()} which is "
-       f"{_relation(b, c)} a {c.words()}"),
-      f"three shapes {backward} a {c.words()} a {b.words()} and a {a.words()}",
-      f"a {b.words(True)} between a {a.words()} and a {c.words()}",
+      f"{a.noun()} {b.noun()} and {c.noun()} {forward}",
+      f"{forward} {a.noun(True)} {b.noun(True)} and {c.noun(True)}",
+      (f"{a.noun()} {_relation(a, b)} {b.noun()} which is "
+       f"{_relation(b, c)} {c.noun()}"),
+      f"three shapes {backward} {c.noun()} {b.noun()} and {a.noun()}",
+      f"{b.noun(True)} between {a.noun()} and {c.noun()}",
   ]
 
 
@@ -316,10 +321,11 @@ class ShapesCaptionsConfig(tfds.core.BuilderConfig):
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with five captions each, drawn locally."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
       "1.0.0": ("Initial release: 1-3 shapes (4 shapes, 6 colours, 2 sizes) "
                 "per 224x224 image, five captions with spatial relations."),
+      "1.1.0": "Articles agree with the next word: \"an orange circle\".",
   }
   BUILDER_CONFIGS = [
       ShapesCaptionsConfig(
