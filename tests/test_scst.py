@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from visionspeak_jax import cider
 from visionspeak_jax import decoding
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import input_pipeline
@@ -152,3 +153,20 @@ def test_greedy_baseline_and_mixed_cross_entropy(tiny_data_dir, xe_run,
   records = [r for r in _records(workdir) if r["split"] == "train"]
   assert all("greedy_reward" in r for r in records)
   assert all(r["xent"] > 0 for r in records)
+
+
+def test_rewards_are_cider_d_of_the_words_and_zero_without_references():
+  df = cider.DocumentFrequencies.build([[(5, 6, 7)], [(5, 8)], [(9,)]])
+  step = scst.SelfCriticalStep.__new__(scst.SelfCriticalStep)
+  step.scorer = cider.CiderD(df)
+  bos, eos = vocab_lib.BOS_ID, vocab_lib.EOS_ID
+  # Image 0 has one reference; image 1's only caption had no words.
+  references = np.array([[[bos, 5, 6, 7, eos], [0, 0, 0, 0, 0]],
+                         [[bos, eos, 0, 0, 0], [0, 0, 0, 0, 0]]])
+  samples = np.array([[5, 6, 7, eos], [5, 6, eos, 0],
+                      [5, eos, 0, 0], [9, eos, 0, 0]])
+  rewards = step.rewards(samples, references)
+  want = step.scorer.score([(5, 6, 7), (5, 6)], [[(5, 6, 7)]], [0, 0])
+  np.testing.assert_allclose(rewards[:2], want)
+  assert rewards[0] > rewards[1] > 0
+  np.testing.assert_array_equal(rewards[2:], [0.0, 0.0])

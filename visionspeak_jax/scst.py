@@ -254,7 +254,9 @@ class SelfCriticalStep:
               ) -> np.ndarray:
     """CIDEr-D of [n * K, L] candidates against [n, N, T] references."""
     k = len(candidates) // len(references)
-    refs = [[r for r in (words(row) for row in image) if r]
+    # An image whose references are all empty (a caption of punctuation
+    # only) keeps one empty reference: every sample then scores 0.
+    refs = [[r for r in (words(row) for row in image) if r] or [()]
             for image in references]
     return self.scorer.score([words(c) for c in candidates], refs,
                              np.repeat(np.arange(len(refs)), k))
