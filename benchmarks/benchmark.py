@@ -321,7 +321,7 @@ def make_train_step(optimizer: optax.GradientTransformation,
   def loss_fn(params, features, tokens, rng):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T + 1] -> [B, T]
     mask = (targets != vocabulary.PAD_ID).astype(jnp.float32)
-    logits, alphas = fast_decoder.teacher_forced(
+    logits, alphas, _ = fast_decoder.teacher_forced(
         params, features, inputs, dropout_rate=dropout_rate, rng=rng)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return (terms["xent_sum"] / jnp.maximum(terms["tokens"], 1.0)

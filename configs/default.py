@@ -51,7 +51,24 @@ def get_config() -> ml_collections.ConfigDict:
   # A new run on images must start its encoder from pretrained_path (or
   # init_from's run); False lets it start from a random init.
   config.model.require_pretrained = False
+  # "soft": the paper's deterministic attention (alpha-weighted context);
+  # "hard": its stochastic attention, one sampled region per word in
+  # training (see visionspeak_jax/hard_attention.py), the most likely region
+  # in decoding.
+  config.model.attention = "soft"
   config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
+  # Hard attention's training (used with model.attention = "hard").
+  config.hard_attention = ml_collections.ConfigDict()
+  # Probability that an image samples its regions in a training step; the
+  # others read the soft context (the paper: 0.5).
+  config.hard_attention.sample_prob = 0.5
+  # lambda_r of the REINFORCE term; rewards are a caption's mean
+  # log-likelihood per word (the paper's code: 0.1).
+  config.hard_attention.reinforce_weight = 0.1
+  # lambda_e of the entropy bonus, per word (the paper's code: 0.002).
+  config.hard_attention.entropy_weight = 0.002
+  # Decay of the moving-average reward baseline (the paper: 0.9).
+  config.hard_attention.baseline_decay = 0.9
 
   # Where the inputs come from (see visionspeak_jax/data.py): "tfds" reads
   # images of `dataset` and runs the ResNet on them; "feature_cache" reads

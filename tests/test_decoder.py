@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from visionspeak_jax import attention
 from visionspeak_jax import decoder
 from visionspeak_jax import fast_decoder
 
@@ -16,26 +17,47 @@ def _params(gate="vector", deep_output=True, vocab=11, num_regions=0):
                       deep_output=deep_output, num_regions=num_regions)
 
 
-@pytest.mark.parametrize("gate,deep,regions", [
-    ("vector", True, 0), ("scalar", False, 0), ("none", True, 4)])
-def test_teacher_forced_scan_equals_python_loop(gate, deep, regions):
+def _hard_regions(b, t, r):
+  """Hard attention's choice for [B, T] steps: rows 0 and 2 sample."""
+  return attention.Regions(
+      gumbel=jax.random.gumbel(jax.random.key(9), (b, t, r)),
+      hard=jnp.array([1.0, 0.0, 1.0])[:b])
+
+
+def _step_regions(regions, t):
+  return None if regions is None else regions._replace(
+      gumbel=regions.gumbel[:, t])
+
+
+@pytest.mark.parametrize("gate,deep,regions,hard", [
+    ("vector", True, 0, False), ("scalar", False, 0, False),
+    ("none", True, 4, False), ("vector", True, 0, True),
+    ("scalar", True, 4, True)])
+def test_teacher_forced_scan_equals_python_loop(gate, deep, regions, hard):
   params = _params(gate, deep, num_regions=regions)
   b, r, t = 3, 4, 5
   features = jax.random.normal(jax.random.key(1), (b, r, 6))
   tokens = jax.random.randint(jax.random.key(2), (b, t), 0, 11)
-  logits, alphas = jax.jit(fast_decoder.teacher_forced)(params, features,
-                                                        tokens)
+  choice = _hard_regions(b, t, r) if hard else None
+  logits, alphas, chosen = jax.jit(fast_decoder.teacher_forced)(
+      params, features, tokens, regions=choice)
   assert logits.shape == (b, t, 11) and alphas.shape == (b, t, r)
+  assert (chosen is None) == (not hard)
 
   features = decoder.add_positions(params, features)
   proj = decoder.project_features(params, features)
   carry = decoder.init_state(params, features)
   for step in range(t):
-    step_logits, carry, alpha = decoder.step(params, features, proj, carry,
-                                             tokens[:, step])
+    step_logits, carry, alpha = decoder.step(
+        params, features, proj, carry, tokens[:, step],
+        regions=_step_regions(choice, step))
     np.testing.assert_allclose(logits[:, step], step_logits, rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_allclose(alphas[:, step], alpha, rtol=1e-5, atol=1e-6)
+    if hard:  # The Gumbel-max sample of alpha.
+      np.testing.assert_array_equal(
+          chosen[:, step],
+          np.argmax(np.log(alpha) + choice.gumbel[:, step], axis=-1))
 
 
 def test_gate_shapes_and_unknown_gate():
@@ -62,11 +84,11 @@ def test_dropout_only_with_rng():
   params = _params()
   features = jax.random.normal(jax.random.key(4), (2, 4, 6))
   tokens = jnp.ones((2, 3), jnp.int32)
-  plain, _ = fast_decoder.teacher_forced(params, features, tokens,
+  plain, _, _ = fast_decoder.teacher_forced(params, features, tokens,
                                          dropout_rate=0.5)
-  again, _ = fast_decoder.teacher_forced(params, features, tokens)
+  again, _, _ = fast_decoder.teacher_forced(params, features, tokens)
   np.testing.assert_array_equal(plain, again)
-  dropped, _ = fast_decoder.teacher_forced(params, features, tokens,
+  dropped, _, _ = fast_decoder.teacher_forced(params, features, tokens,
                                            dropout_rate=0.5,
                                            rng=jax.random.key(5))
   assert not np.allclose(plain, dropped)
@@ -112,7 +134,8 @@ def test_position_embedding():
     decoder.add_positions(params, jnp.zeros((1, 9, 6)))
 
 
-def _loop_forward(params, features, tokens, dropout_rate=0.0, rng=None):
+def _loop_forward(params, features, tokens, dropout_rate=0.0, rng=None,
+                  regions=None):
   """The reference unroll: `decoder.step` in a Python loop (plain autodiff)."""
   features = decoder.add_positions(params, features)
   proj = decoder.project_features(params, features)
@@ -122,17 +145,18 @@ def _loop_forward(params, features, tokens, dropout_rate=0.0, rng=None):
     step_rng = None if rng is None else jax.random.fold_in(rng, t)
     out, carry, alpha = decoder.step(params, features, proj, carry,
                                      tokens[:, t], dropout_rate=dropout_rate,
-                                     rng=step_rng)
+                                     rng=step_rng,
+                                     regions=_step_regions(regions, t))
     logits.append(out)
     alphas.append(alpha)
-  return jnp.stack(logits, 1), jnp.stack(alphas, 1)
+  return jnp.stack(logits, 1), jnp.stack(alphas, 1), None
 
 
-@pytest.mark.parametrize("gate,deep,regions,dropout", [
-    ("vector", True, 4, 0.0), ("scalar", False, 0, 0.3), ("none", True, 0,
-                                                          0.3)])
+@pytest.mark.parametrize("gate,deep,regions,dropout,hard", [
+    ("vector", True, 4, 0.0, False), ("scalar", False, 0, 0.3, False),
+    ("none", True, 0, 0.3, False), ("vector", True, 0, 0.3, True)])
 def test_teacher_forced_gradients_match_step_by_step_autodiff(
-    gate, deep, regions, dropout):
+    gate, deep, regions, dropout, hard):
   params = _params(gate, deep, num_regions=regions)
   b, r, t = 3, 4, 5
   features = jax.random.normal(jax.random.key(1), (b, r, 6))
@@ -140,12 +164,18 @@ def test_teacher_forced_gradients_match_step_by_step_autodiff(
   targets = jax.random.randint(jax.random.key(3), (b, t), 0, 11)
   mask = jnp.ones((b, t)).at[0, 3:].set(0.0)
   rng = jax.random.key(4) if dropout else None
+  choice = _hard_regions(b, t, r) if hard else None
 
   def loss(forward, params, features):
-    logits, alphas = forward(params, features, tokens, dropout_rate=dropout,
-                             rng=rng)
+    logits, alphas, _ = forward(params, features, tokens,
+                                dropout_rate=dropout, rng=rng, regions=choice)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
-    return terms["xent_sum"] + 0.7 * terms["attention_sum"]
+    total = terms["xent_sum"] + 0.7 * terms["attention_sum"]
+    if hard:  # What hard attention's REINFORCE and entropy terms read.
+      total += 0.3 * (jnp.log(alphas) * alphas).sum() + 0.2 * (
+          jnp.log(alphas) * jax.nn.one_hot(
+              jnp.argmax(jnp.log(alphas) + choice.gumbel, -1), r)).sum()
+    return total
 
   fast = jax.jit(jax.grad(lambda p, f: loss(fast_decoder.teacher_forced, p, f),
                           argnums=(0, 1)))(params, features)
@@ -191,3 +221,36 @@ def test_decode_step_equals_step(gate, deep, regions):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05)
+
+
+def test_hard_attention_decodes_with_the_most_likely_region():
+  params = _params()
+  b, k, r = 2, 3, 4
+  keys = jax.random.split(jax.random.key(6), 4)
+  features = jax.random.normal(keys[0], (b, r, 6))
+  carry = (jax.random.normal(keys[1], (b * k, 7)),
+           jax.random.normal(keys[2], (b * k, 7)))
+  tokens = jax.random.randint(keys[3], (b * k,), 0, 11)
+  proj = decoder.project_features(params, features)
+  _, _, soft_alpha = decoder.step(params, jnp.repeat(features, k, axis=0),
+                                  jnp.repeat(proj, k, axis=0), carry, tokens)
+  want = decoder.step(
+      params, jnp.repeat(features, k, axis=0), jnp.repeat(proj, k, axis=0),
+      carry, tokens, regions=attention.Regions(jnp.zeros((b * k, r)),
+                                               jnp.ones((b * k,))))
+  weights = fast_decoder.decoding_weights(params, attention_kind="hard")
+  logits, new_carry, alpha = jax.jit(fast_decoder.decode_step)(
+      weights, features, proj, carry, tokens)
+  np.testing.assert_allclose(logits, want[0], rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5),
+               new_carry, want[1])
+  # The map is the one region read: the largest weight of soft attention.
+  np.testing.assert_array_equal(
+      alpha, jax.nn.one_hot(soft_alpha.argmax(-1), r))
+  # It differs from the soft step, which mixes every region.
+  soft = fast_decoder.decode_step(fast_decoder.decoding_weights(params),
+                                  features, proj, carry, tokens)
+  assert not np.allclose(soft[0], logits)
+  with pytest.raises(ValueError, match="attention_kind"):
+    fast_decoder.decoding_weights(params, attention_kind="medium")

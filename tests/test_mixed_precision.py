@@ -30,7 +30,7 @@ def _loss_and_grads(config, params, batch_stats, batch):
     feats, _ = model.features(model.create_encoder(config), params,
                               batch_stats, batch, train=True)
     inputs, targets, mask = step_lib.split_tokens(batch["tokens"])
-    logits, alphas = fast_decoder.teacher_forced(
+    logits, alphas, _ = fast_decoder.teacher_forced(
         params["decoder"], feats, inputs, dtype=model.compute_dtype(config))
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return (terms["xent_sum"] / terms["tokens"]

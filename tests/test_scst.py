@@ -80,7 +80,7 @@ def test_update_scores_samples_as_the_sampler_drew_them():
   samples = drawn.tokens
   tokens_in = jnp.concatenate(
       [jnp.full_like(samples[:, :1], vocab_lib.BOS_ID), samples[:, :-1]], 1)
-  logits, _ = fast_decoder.teacher_forced(
+  logits, _, _ = fast_decoder.teacher_forced(
       params["decoder"], jnp.repeat(feats, k, axis=0), tokens_in)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits),
                                  samples[..., None], -1)[..., 0]

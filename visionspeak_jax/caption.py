@@ -62,7 +62,8 @@ class Captioner:
     """The decoder's `decoding_weights`, built once per dtype."""
     if decode_dtype not in self._weights:
       self._weights[decode_dtype] = model.decoding_weights(
-          self.params["decoder"], decode_dtype)
+          self.params["decoder"], decode_dtype,
+          model.attention_kind(self.config))
     return self._weights[decode_dtype]
 
   def compiled(self, beam_size: int, max_length: int,

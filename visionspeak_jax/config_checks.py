@@ -14,6 +14,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from visionspeak_jax import attention
 from visionspeak_jax import decoder
 from visionspeak_jax import distributed
 from visionspeak_jax import errors
@@ -35,7 +36,9 @@ _AT_LEAST_ONE = (
     "model.hidden_dim", "model.resnet_width", "scst.num_references")
 # Fields that must be >= 0.
 _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
-                 "grad_clip_norm", "alpha_c", "length_penalty")
+                 "grad_clip_norm", "alpha_c", "length_penalty",
+                 "hard_attention.reinforce_weight",
+                 "hard_attention.entropy_weight")
 # Fields with a fixed set of values.
 _CHOICES = {
     "data_source": DATA_SOURCES,
@@ -44,6 +47,7 @@ _CHOICES = {
     "scst.baseline": ("mean", "greedy"),
     "decode_dtype": tuple(model.DTYPES),
     "model.gate": decoder.GATES,
+    "model.attention": attention.KINDS,
     "model.resnet_size": tuple(resnet.SIZES),
     "model.resnet_stem": resnet.STEMS,
     "distributed": distributed.MODES,
@@ -54,7 +58,9 @@ _STATE_FIELDS = (
     "data_source", "model.resnet_size", "model.resnet_width",
     "model.resnet_stem", "model.embed_dim", "model.attention_dim",
     "model.hidden_dim", "model.gate", "model.deep_output",
-    "model.position_embedding")
+    "model.position_embedding", "model.attention")
+# What a field meant in runs saved before it existed.
+_ABSENT_BEFORE = {"model.attention": "soft"}
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -94,6 +100,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"config.scst.num_samples must be >= 2 for self-critical training, "
         f"got {config.scst.num_samples!r}: fix --config.scst.num_samples.")
+  for path, low, high in (("hard_attention.sample_prob", 0, 1),
+                          ("hard_attention.baseline_decay", 0, 1)):
+    value = _get(config, path)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not low <= value <= high):
+      raise errors.ConfigError(
+          f"config.{path} must be a number in [{low}, {high}], got {value!r}:"
+          f" fix --config.{path}.")
   if not 0 <= config.model.dropout_rate < 1:
     raise errors.ConfigError(
         f"config.model.dropout_rate must be in [0, 1), got "
@@ -174,7 +188,7 @@ def check_resume(saved: ml_collections.ConfigDict,
     try:
       before = _get(saved, path)
     except (KeyError, AttributeError):
-      before = None
+      before = _ABSENT_BEFORE.get(path)
     if before != _get(config, path):
       changed.append(f"{path}={before!r} there, {_get(config, path)!r} now")
   frozen = [name for name, mult in config.lr_mults.items()

@@ -158,7 +158,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def step(params: Params, features: jax.Array, features_proj: jax.Array,
          carry: lstm.Carry, prev_tokens: jax.Array, *,
-         dropout_rate: float = 0.0, rng: jax.Array | None = None
+         dropout_rate: float = 0.0, rng: jax.Array | None = None,
+         regions: attention.Regions | None = None
          ) -> tuple[jax.Array, lstm.Carry, jax.Array]:
   """One decoder step.
 
@@ -170,6 +171,8 @@ def step(params: Params, features: jax.Array, features_proj: jax.Array,
     prev_tokens: [B] int previous words.
     dropout_rate: dropout on the output layer input; used only with `rng`.
     rng: dropout key, or None for deterministic steps.
+    regions: None for soft attention; for hard attention, how each row
+      picks the one region it reads (`attention.Regions`).
 
   Returns:
     (logits [B, V], new carry, alpha [B, R]).
@@ -177,7 +180,7 @@ def step(params: Params, features: jax.Array, features_proj: jax.Array,
   h, _ = carry
   emb = params["embed"][prev_tokens]  # [B] -> [B, E]
   context, alpha = attention.attend(params["attention"], features,
-                                    features_proj, h)
+                                    features_proj, h, regions)
   if "gate" in params:
     # [B, H] -> [B, C] (vector) or [B, 1] (scalar)
     context = context * jax.nn.sigmoid(_apply_dense(params["gate"], h))

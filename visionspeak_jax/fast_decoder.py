@@ -85,10 +85,13 @@ class DecodingWeights:
   # and, when the decoder has one, positions.
   setup: Params
   output: Params  # the decoder's `deep` or `out` subtree, `w`s cast
+  # Hard attention: each step reads its most likely region (see
+  # `decode_step`); False: the soft context.
+  hard: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def decoding_weights(params: Params, matmul_dtype: Any = None
-                     ) -> DecodingWeights:
+def decoding_weights(params: Params, matmul_dtype: Any = None,
+                     attention_kind: str = "soft") -> DecodingWeights:
   """Prepares decoder parameters for decoding; build once per checkpoint.
 
   On top of `fused_weights`, the embedding half of the LSTM input becomes a
@@ -101,10 +104,15 @@ def decoding_weights(params: Params, matmul_dtype: Any = None
     matmul_dtype: None keeps float32; a lower precision (bfloat16) casts
       every matmul weight, and the inputs are cast to match. The products
       still accumulate in float32.
+    attention_kind: "soft", or "hard" for a decoder trained with hard
+      attention (`attention.KINDS`).
 
   Returns:
     The `DecodingWeights`.
   """
+  if attention_kind not in attention.KINDS:
+    raise ValueError(f"attention_kind must be one of {attention.KINDS}, got "
+                     f"{attention_kind!r}.")
   fused = fused_weights(params)
   dtype = jnp.float32 if matmul_dtype is None else matmul_dtype
   setup = {"init_h": params["init_h"], "init_c": params["init_c"],
@@ -121,7 +129,8 @@ def decoding_weights(params: Params, matmul_dtype: Any = None
       word_gates=decoder.matmul(params["embed"], fused.w_emb.astype(dtype))
       + fused.lstm_b,
       w_ctx=fused.w_ctx.astype(dtype), w_h=fused.w_h.astype(dtype),
-      small=fused.small, embed=params["embed"], setup=setup, output=output)
+      small=fused.small, embed=params["embed"], setup=setup, output=output,
+      hard=attention_kind == "hard")
 
 
 def decoding_start(weights: DecodingWeights, features: jax.Array
@@ -151,6 +160,13 @@ def decode_step(weights: DecodingWeights, features: jax.Array,
   and the K hypotheses of an image (a beam) share one copy of its
   features. No dropout.
 
+  Hard attention (`weights.hard`) decodes deterministically with the most
+  likely region: each step reads the one region of largest alpha (the
+  mode of the distribution training samples from; the paper's Theano code
+  offers it, `argmax=True`, beside the expected context). The returned
+  alpha is then the one-hot of that region: the map shows what the decoder
+  read.
+
   Args:
     weights: `decoding_weights(params, matmul_dtype)`.
     features: [B, R, C] region features (positions added). They stay
@@ -166,8 +182,16 @@ def decode_step(weights: DecodingWeights, features: jax.Array,
   h, c = carry
   attention_dim, gate_dim = _dims(weights.small)
   h_proj = decoder.matmul(h, weights.w_h)  # [B*K, H] -> [B*K, A + G + 4H]
-  context, alpha = _attend_and_gate(attention_dim, gate_dim, weights.small,
-                                    features, features_proj, h_proj)
+  regions = None
+  if weights.hard:  # Gumbel noise of zeros: the most likely region.
+    regions = attention.Regions(
+        gumbel=jnp.zeros((h.shape[0], features.shape[1])),
+        hard=jnp.ones((h.shape[0],)))
+  context, alpha, region = _attend_and_gate(
+      attention_dim, gate_dim, weights.small, features, features_proj,
+      h_proj, regions)
+  if weights.hard:
+    alpha = jax.nn.one_hot(region, features.shape[1], dtype=alpha.dtype)
   carry = _cell_update(attention_dim, gate_dim, h_proj,
                        weights.word_gates[prev_tokens],  # [B*K, 4H]
                        decoder.matmul(context, weights.w_ctx), c)
@@ -184,14 +208,20 @@ def _dims(small: Params) -> tuple[int, int]:
 
 def _attend_and_gate(attention_dim: int, gate_dim: int, small: Params,
                      features: jax.Array, features_proj: jax.Array,
-                     h_proj: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Gated context [B, C] and alpha [B, R] from the fused `h @ w_h` rows."""
-  context, alpha = attention.attend_query(
-      {"v": small["v"]}, features, features_proj, h_proj[:, :attention_dim])
+                     h_proj: jax.Array,
+                     regions: attention.Regions | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Gated context [B, C], alpha [B, R] and the hard attention's regions.
+
+  From the fused `h @ w_h` rows; see `attention.attend_query`.
+  """
+  context, alpha, region = attention.attend_query(
+      {"v": small["v"]}, features, features_proj, h_proj[:, :attention_dim],
+      regions)
   if gate_dim:
     gate = h_proj[:, attention_dim:attention_dim + gate_dim]
     context = context * jax.nn.sigmoid(gate + small["gate_b"])
-  return context, alpha
+  return context, alpha, region
 
 
 def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
@@ -202,28 +232,36 @@ def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
   return lstm.apply_gates(z, c)
 
 
+def _step_regions(regions: attention.Regions | None, gumbel_t: jax.Array
+                  ) -> attention.Regions | None:
+  return None if regions is None else regions._replace(gumbel=gumbel_t)
+
+
 def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
-                    features_proj, z_emb, carry):
+                    features_proj, z_emb, carry, regions):
   """The scan of `_recurrence`, also returning what its backward pass needs.
 
   The step inputs (h, c) and the two per-step matmul results are kept, so
   the backward pass recomputes only elementwise work.
   """
 
-  def body(carry, z_emb_t):
+  def body(carry, xs):
+    z_emb_t, gumbel_t = xs
     h, c = carry
     h_proj = decoder.matmul(h, w_h)  # [B, H] -> [B, A (+ C | 1) + 4H]
-    context, alpha = _attend_and_gate(attention_dim, gate_dim, small,
-                                      features, features_proj, h_proj)
+    context, alpha, region = _attend_and_gate(
+        attention_dim, gate_dim, small, features, features_proj, h_proj,
+        _step_regions(regions, gumbel_t))
     z_ctx = decoder.matmul(context, w_ctx)  # [B, C] -> [B, 4H]
     new = _cell_update(attention_dim, gate_dim, h_proj, z_emb_t, z_ctx, c)
-    return new, (new[0], context, alpha, h, c, h_proj, z_ctx)
+    return new, (new[0], context, alpha, region, h, c, h_proj, z_ctx)
 
-  _, (hs, contexts, alphas, h_in, c_in, h_proj, z_ctx) = jax.lax.scan(
-      body, carry, z_emb)
+  gumbel = None if regions is None else regions.gumbel  # [T, B, R]
+  _, (hs, contexts, alphas, chosen, h_in, c_in, h_proj, z_ctx) = (
+      jax.lax.scan(body, carry, (z_emb, gumbel)))
   residuals = (w_h, w_ctx, small, features, features_proj, z_emb, contexts,
-               h_in, c_in, h_proj, z_ctx)
-  return (hs, contexts, alphas), residuals
+               h_in, c_in, h_proj, z_ctx, regions)
+  return (hs, contexts, alphas, chosen), residuals
 
 
 def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
@@ -235,20 +273,24 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
   matmul over all B x T rows afterwards, where the CPU runs near its peak.
   """
   (w_h, w_ctx, small, features, features_proj, z_emb, contexts, h_in, c_in,
-   h_proj, z_ctx) = residuals
-  ct_hs, ct_contexts, ct_alphas = cotangents
+   h_proj, z_ctx, regions) = residuals
+  # The chosen regions are integers: no cotangent to carry.
+  ct_hs, ct_contexts, ct_alphas, _ = cotangents
+  gumbel = None if regions is None else regions.gumbel
 
   def body(acc, xs):
     dh, dc, d_small, d_features, d_proj = acc
-    (h_proj_t, z_emb_t, z_ctx_t, c_t, ct_h, ct_context, ct_alpha) = xs
+    (h_proj_t, z_emb_t, z_ctx_t, c_t, ct_h, ct_context, ct_alpha,
+     gumbel_t) = xs
     _, cell_vjp = jax.vjp(
         lambda hp, ze, zc, c: _cell_update(attention_dim, gate_dim, hp, ze,
                                            zc, c),
         h_proj_t, z_emb_t, z_ctx_t, c_t)
     d_hp_cell, d_z_emb, d_z_ctx, dc = cell_vjp((dh + ct_h, dc))
     _, attend_vjp = jax.vjp(
-        lambda sm, f, fp, hp: _attend_and_gate(attention_dim, gate_dim, sm,
-                                               f, fp, hp),
+        lambda sm, f, fp, hp: _attend_and_gate(
+            attention_dim, gate_dim, sm, f, fp, hp,
+            _step_regions(regions, gumbel_t))[:2],
         small, features, features_proj, h_proj_t)
     d_sm, d_f, d_fp, d_hp_att = attend_vjp(
         (ct_context + decoder.matmul(d_z_ctx, w_ctx.T), ct_alpha))
@@ -262,12 +304,16 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
                       (c_in[0], c_in[0], small, features, features_proj))
   (dh, dc, d_small, d_features, d_proj), (d_h_proj, d_z_emb, d_z_ctx) = (
       jax.lax.scan(body, init, (h_proj, z_emb, z_ctx, c_in, ct_hs,
-                                ct_contexts, ct_alphas), reverse=True))
+                                ct_contexts, ct_alphas, gumbel),
+                   reverse=True))
   # The weight gradients of the two per-step matmuls, summed over all T
   # steps as one matmul each instead of T rank-B updates inside the loop.
   d_w_h = _weight_gradient("tbh,tbk->hk", h_in, d_h_proj, w_h.dtype)
   d_w_ctx = _weight_gradient("tbc,tbk->ck", contexts, d_z_ctx, w_ctx.dtype)
-  return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc))
+  # The noise and the hard/soft choice are sampled inputs: no gradient.
+  d_regions = jax.tree.map(jnp.zeros_like, regions)
+  return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc),
+          d_regions)
 
 
 def _weight_gradient(spec: str, x: jax.Array, dy: jax.Array, dtype: Any
@@ -287,8 +333,8 @@ def _weight_gradient(spec: str, x: jax.Array, dy: jax.Array, dtype: Any
 def _recurrence(attention_dim: int, gate_dim: int, w_h: jax.Array,
                 w_ctx: jax.Array, small: Params, features: jax.Array,
                 features_proj: jax.Array, z_emb: jax.Array,
-                carry: lstm.Carry
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                carry: lstm.Carry, regions: attention.Regions | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """The state-dependent part of the teacher-forced unroll.
 
   Args:
@@ -301,12 +347,15 @@ def _recurrence(attention_dim: int, gate_dim: int, w_h: jax.Array,
     features_proj: [B, R, A].
     z_emb: [T, B, 4H], the embedding part of the LSTM input plus its bias.
     carry: (h0, c0), each [B, H].
+    regions: None (soft attention), or hard attention's `attention.Regions`
+      with `gumbel` [T, B, R] (one noise per step) and `hard` [B].
 
   Returns:
-    (hs [T, B, H], gated contexts [T, B, C], alphas [T, B, R]).
+    (hs [T, B, H], gated contexts [T, B, C], alphas [T, B, R], chosen
+    regions [T, B] int32 or None).
   """
   return _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small,
-                         features, features_proj, z_emb, carry)[0]
+                         features, features_proj, z_emb, carry, regions)[0]
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -314,8 +363,9 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
                    *, dropout_rate: float = 0.0,
-                   rng: jax.Array | None = None, dtype: Any = None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   rng: jax.Array | None = None, dtype: Any = None,
+                   regions: attention.Regions | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Unrolls the decoder over the ground-truth inputs with `lax.scan`.
 
   Computes what `decoder.step` computes at every position, rearranged for
@@ -339,9 +389,14 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
     dtype: matmul input dtype: None (float32) or bfloat16 for mixed
       precision (`decoder.cast_matmul_weights`: products, the recurrent
       state, softmax and logits stay float32).
+    regions: None for soft attention; for hard attention, how each step
+      picks its region: `attention.Regions` with `gumbel` [B, T, R] (step
+      t's noise; standard Gumbel samples from alpha, zeros take the most
+      likely region) and `hard` [B].
 
   Returns:
-    (logits [B, T, V] float32, alphas [B, T, R] float32).
+    (logits [B, T, V] float32, alphas [B, T, R] float32, regions [B, T]
+    int32 that hard attention chose, None without `regions`).
   """
   params = decoder.cast_matmul_weights(params, dtype)
   features = decoder.add_positions(params, features)
@@ -352,9 +407,11 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
   z_emb = decoder.matmul(emb.swapaxes(0, 1), fused.w_emb) + fused.lstm_b
   attention_dim, gate_dim = _dims(fused.small)
-  hs, contexts, alphas = _recurrence(attention_dim, gate_dim, fused.w_h,
-                                     fused.w_ctx, fused.small, features,
-                                     features_proj, z_emb, carry)
+  if regions is not None:  # Time-major noise for the scan.
+    regions = regions._replace(gumbel=regions.gumbel.swapaxes(0, 1))
+  hs, contexts, alphas, chosen = _recurrence(
+      attention_dim, gate_dim, fused.w_h, fused.w_ctx, fused.small, features,
+      features_proj, z_emb, carry, regions)
   if rng is not None and dropout_rate != 0.0:
     steps = jnp.arange(tokens_in.shape[1])
     hs = jax.vmap(lambda h, t: decoder.dropout(
@@ -364,6 +421,7 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   hs = hs.swapaxes(0, 1)
   logits = decoder.output_logits(params, emb, hs,
                                  contexts.swapaxes(0, 1))  # [B, T, V]
-  return logits, alphas.swapaxes(0, 1)
+  return (logits, alphas.swapaxes(0, 1),
+          None if chosen is None else chosen.swapaxes(0, 1))
 
 

@@ -43,6 +43,14 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return DTYPES[config.get("dtype", "float32")]
 
 
+def attention_kind(config: ml_collections.ConfigDict) -> str:
+  """`config.model.attention`: "soft", or "hard" (the paper's stochastic).
+
+  Runs saved before the field existed are soft.
+  """
+  return config.model.get("attention", "soft")
+
+
 def create_encoder(config: ml_collections.ConfigDict,
                    axis_name: str | None = None) -> resnet.ResNet:
   """The ResNet named by `config.model`, computing in `config.dtype`."""
@@ -179,20 +187,29 @@ def decode_dtype(name: str) -> Any:
   return DTYPES[name]
 
 
-_decoding_weights = jax.jit(fast_decoder.decoding_weights, static_argnums=1)
+_decoding_weights = jax.jit(fast_decoder.decoding_weights,
+                            static_argnums=(1, 2))
 
 
-def decoding_weights(decoder_params: dict[str, Any], dtype_name: str
+def decoding_weights(decoder_params: dict[str, Any], dtype_name: str,
+                     attention: str = "soft"
                      ) -> fast_decoder.DecodingWeights:
   """`fast_decoder.decoding_weights` for a `decode_dtype` name, jitted.
 
   Build once per checkpoint (an evaluation pass, the caption CLI) and pass
   to `make_step_fn`, `greedy_caption` or `beam_caption` for every batch.
 
+  Args:
+    decoder_params: the decoder's parameters.
+    dtype_name: `decode_dtype`, "float32" or "bfloat16".
+    attention: the run's `attention_kind`; hard attention decodes with the
+      most likely region.
+
   Raises:
     ValueError: for an unknown `dtype_name`.
   """
-  return _decoding_weights(decoder_params, decode_dtype(dtype_name))
+  return _decoding_weights(decoder_params, decode_dtype(dtype_name),
+                           attention)
 
 
 def make_step_fn(weights: fast_decoder.DecodingWeights, features: jax.Array

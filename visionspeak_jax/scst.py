@@ -44,12 +44,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from visionspeak_jax import attention
 from visionspeak_jax import cider
 from visionspeak_jax import decoding
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import model
-from visionspeak_jax import optimizer
 from visionspeak_jax import state as state_lib
+from visionspeak_jax import step as step_lib
 from visionspeak_jax import vocabulary as vocab_lib
 
 BASELINES = ("mean", "greedy")
@@ -128,7 +129,8 @@ def sample_step(params: Any, batch_stats: Any, inputs: dict[str, jax.Array],
   feats, _ = model.features(model.create_encoder(config), params,
                             batch_stats, inputs, train=False)
   weights = fast_decoder.decoding_weights(params["decoder"],
-                                          model.compute_dtype(config))
+                                          model.compute_dtype(config),
+                                          model.attention_kind(config))
   step_fn, start = model.make_step_fn(weights, feats)
   b = feats.shape[0]
   ids = dict(bos_id=vocab_lib.BOS_ID, eos_id=vocab_lib.EOS_ID,
@@ -164,22 +166,18 @@ def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
   tokens_in = jnp.concatenate(
       [jnp.full_like(samples[:, :1], vocab_lib.BOS_ID), samples[:, :-1]], 1)
   mask = sequence_mask(samples)
-  trained, frozen = optimizer.trainable(config, state.params)
-  frozen = lax.stop_gradient(frozen)
-
-  ref_in, ref_targets, ref_mask = (
-      batch["tokens"][:, :-1], batch["tokens"][:, 1:],
-      (batch["tokens"][:, 1:] != vocab_lib.PAD_ID).astype(jnp.float32))
+  ref_in, ref_targets, ref_mask = step_lib.split_tokens(batch["tokens"])
   ref_tokens = jnp.maximum(lax.pmean(ref_mask.sum(), "batch"), 1.0)
+  dtype = model.compute_dtype(config)
 
-  def loss_fn(trained):
-    params = {**frozen, **trained}
+  def loss_fn(params, train_encoder):
     feats, batch_stats = model.features(encoder, params, state.batch_stats,
-                                        batch, train="encoder" in trained)
-    dtype = model.compute_dtype(config)
-    logits, _ = fast_decoder.teacher_forced(
+                                        batch, train=train_encoder)
+    logits, _, _ = fast_decoder.teacher_forced(
         params["decoder"], jnp.repeat(feats, k, axis=0), tokens_in,
-        dtype=dtype)  # [b * K, L, V]
+        dtype=dtype, regions=_decoding_regions(config, samples.shape[0],
+                                               feats.shape[1], tokens_in))
+    # [b * K, L, V]
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits),
                                    samples[..., None], -1)[..., 0]
     sequence = (logprobs * mask).sum(1)  # [b * K]
@@ -188,17 +186,16 @@ def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
     loss = -(batch["advantages"] * sequence).mean()
     xent = jnp.zeros(())
     if config.scst.xe_weight:
-      ref_logits, _ = fast_decoder.teacher_forced(params["decoder"], feats,
-                                                  ref_in, dtype=dtype)
+      ref_logits, _, _ = fast_decoder.teacher_forced(
+          params["decoder"], feats, ref_in, dtype=dtype,
+          regions=_decoding_regions(config, feats.shape[0], feats.shape[1],
+                                    ref_in))
       xent = (optax.softmax_cross_entropy_with_integer_labels(
           ref_logits, ref_targets) * ref_mask).sum() / ref_tokens
       loss = loss + config.scst.xe_weight * xent
-    return loss, (batch_stats, sequence, xent)
+    return loss, (batch_stats, (sequence, xent))
 
-  grads, (batch_stats, sequence, xent) = jax.grad(loss_fn, has_aux=True)(
-      lax.pcast(trained, "batch", to="varying"))
-  grads = {**jax.tree.map(jnp.zeros_like, frozen), **lax.pmean(grads, "batch")}
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state, grads, (sequence, xent) = step_lib.apply_loss(state, config, loss_fn)
   metrics = lax.pmean({
       "loss": (-(batch["advantages"] * sequence).mean()
                + config.scst.xe_weight * xent),
@@ -207,9 +204,19 @@ def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
       "sample_length": mask.sum(1).mean(),
   }, "batch")
   metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["finite"] = (jnp.isfinite(metrics["loss"]) &
-                       jnp.isfinite(optax.tree.norm(state.params)))
+  metrics["finite"] = step_lib.is_finite(metrics["loss"], state)
   return state, metrics
+
+
+def _decoding_regions(config: ml_collections.ConfigDict, rows: int,
+                      num_regions: int, tokens_in: jax.Array
+                      ) -> attention.Regions | None:
+  """Hard attention reads the most likely region, as in the sampler."""
+  if model.attention_kind(config) != "hard":
+    return None
+  return attention.Regions(
+      gumbel=jnp.zeros((rows, tokens_in.shape[1], num_regions)),
+      hard=jnp.ones((rows,)))
 
 
 def advantages(rewards: np.ndarray, baseline: np.ndarray | None = None

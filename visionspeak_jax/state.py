@@ -13,6 +13,9 @@ from visionspeak_jax import optimizer
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # Hard attention's REINFORCE baseline (a float32 scalar, see
+  # hard_attention.py); None, so absent from checkpoints, for soft runs.
+  attention_baseline: Any = None
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
@@ -31,9 +34,11 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
     The state at step 0.
   """
   params, batch_stats = model.init(rng, config, vocab_size, encoder=encoder)
-  state = TrainState.create(apply_fn=None, params=params,
-                            tx=optimizer.create(config, list(params)),
-                            batch_stats=batch_stats)
+  state = TrainState.create(
+      apply_fn=None, params=params, tx=optimizer.create(config, list(params)),
+      batch_stats=batch_stats,
+      attention_baseline=(jnp.zeros((), jnp.float32)
+                          if model.attention_kind(config) == "hard" else None))
   # An array step from the start: a Python int here would make the second
   # call of the compiled step see a new signature and compile again.
   return state.replace(step=jnp.zeros((), jnp.int32))

@@ -8,6 +8,7 @@ this very step on an accelerator image without it; `train.py` feeds it.
 """
 
 import functools
+from typing import Any, Callable
 
 import jax
 from jax import lax
@@ -17,6 +18,7 @@ import optax
 
 from visionspeak_jax import decoder
 from visionspeak_jax import fast_decoder
+from visionspeak_jax import hard_attention
 from visionspeak_jax import model
 from visionspeak_jax import optimizer
 from visionspeak_jax import state as state_lib
@@ -29,17 +31,63 @@ def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return inputs, targets, (targets != vocab_lib.PAD_ID).astype(jnp.float32)
 
 
+def apply_loss(state: state_lib.TrainState,
+               config: ml_collections.ConfigDict,
+               loss_fn: Callable[[Any, bool], tuple[jax.Array, tuple[Any, Any]]]
+               ) -> tuple[state_lib.TrainState, Any, Any]:
+  """One optimizer update from a per-device loss; every objective uses it.
+
+  Only the subtrees that `config.lr_mults` trains are differentiated and
+  averaged; frozen ones enter under `stop_gradient` and get zero gradients,
+  which their `optax.set_to_zero` ignores.
+
+  Args:
+    state: the train state (same on every device).
+    config: the run config.
+    loss_fn: `(params, train_encoder) -> (loss, (batch_stats, aux))` on this
+      device's share of the batch, normalised so that the `pmean` of the
+      per-device gradients is the global-batch gradient. `train_encoder`
+      says whether the encoder is trained (BatchNorm in training mode).
+
+  Returns:
+    (new state, the averaged gradients, aux).
+  """
+  trained, frozen = optimizer.trainable(config, state.params)
+  frozen = lax.stop_gradient(frozen)
+
+  def loss_of_trained(trained):
+    return loss_fn({**frozen, **trained}, "encoder" in trained)
+
+  # Differentiate per-device copies of the parameters: the gradients stay
+  # local until the one explicit pmean, instead of JAX summing them across
+  # devices implicitly at every use of the parameters inside the scans.
+  grads, (batch_stats, aux) = jax.grad(loss_of_trained, has_aux=True)(
+      lax.pcast(trained, "batch", to="varying"))
+  grads = {**jax.tree.map(jnp.zeros_like, frozen),
+           **lax.pmean(grads, "batch")}
+  # Synchronised BatchNorm already made the statistics equal across devices.
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), grads, aux
+
+
+def is_finite(loss: jax.Array, state: state_lib.TrainState) -> jax.Array:
+  """The `finite` metric: the loss and the new parameters are finite.
+
+  Non-finite values never go away again (Adam's moments keep them), so
+  checking the new state before each save keeps every checkpoint finite.
+  """
+  return jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(state.params))
+
+
 def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
                rng: jax.Array, *, config: ml_collections.ConfigDict
                ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One optimisation step on this device's share of the global batch.
+  """One cross-entropy step on this device's share of the global batch.
 
   The loss is normalised by the mean number of tokens (and captions) per
   device, so that `pmean` of the per-device gradients is exactly the gradient
-  of the global-batch loss, whatever the device count. Only the subtrees
-  that `config.lr_mults` trains are differentiated and averaged; frozen ones
-  run in inference mode (a frozen encoder keeps its BatchNorm statistics)
-  under `stop_gradient`.
+  of the global-batch loss, whatever the device count (`apply_loss`).
+  With hard attention (`config.model.attention`), each word reads one
+  sampled region and the loss adds `hard_attention`'s terms.
 
   Args:
     state: the train state (same on every device).
@@ -55,49 +103,55 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            lax.axis_index("batch"))
   inputs, targets, mask = split_tokens(batch["tokens"])
-  trained, frozen = optimizer.trainable(config, state.params)
-  frozen = lax.stop_gradient(frozen)
+  hard = model.attention_kind(config) == "hard"
+  regions = None
+  if hard:  # Soft runs keep `rng` for dropout alone, as they always did.
+    rng, regions_rng = jax.random.split(rng)
+    regions = hard_attention.draw_regions(
+        regions_rng, inputs.shape[0], inputs.shape[1], model.num_regions(config),
+        config.hard_attention.sample_prob)
 
-  def loss_fn(trained):
-    params = {**frozen, **trained}
+  def loss_fn(params, train_encoder):
     features, batch_stats = model.features(
-        encoder, params, state.batch_stats, batch,
-        train="encoder" in trained)
-    logits, alphas = fast_decoder.teacher_forced(
+        encoder, params, state.batch_stats, batch, train=train_encoder)
+    logits, alphas, chosen = fast_decoder.teacher_forced(
         params["decoder"], features, inputs,
         dropout_rate=config.model.dropout_rate, rng=rng,
-        dtype=model.compute_dtype(config))
+        dtype=model.compute_dtype(config), regions=regions)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     tokens = jnp.maximum(lax.pmean(terms["tokens"], "batch"), 1.0)
     captions = jnp.maximum(lax.pmean(terms["captions"], "batch"), 1.0)
     loss = (terms["xent_sum"] / tokens
             + config.alpha_c * terms["attention_sum"] / captions)
-    return loss, (terms, batch_stats)
+    if hard:
+      hard_terms = hard_attention.loss_terms(
+          logits, targets, mask, alphas, chosen, regions,
+          state.attention_baseline, state.step == 0,
+          decay=config.hard_attention.baseline_decay)
+      loss += hard_attention.loss(hard_terms, tokens, config)
+      terms = {**terms, **hard_terms}
+    return loss, (batch_stats, terms)
 
-  # Differentiate per-device copies of the parameters: the gradients stay
-  # local until the one explicit pmean, instead of JAX summing them across
-  # devices implicitly at every use of the parameters inside the scans.
-  grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-      lax.pcast(trained, "batch", to="varying"))
-  # Frozen subtrees get zeros, which their optax.set_to_zero ignores.
-  grads = {**jax.tree.map(jnp.zeros_like, frozen),
-           **lax.pmean(grads, "batch")}
-  # Synchronised BatchNorm already made the statistics equal across devices.
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state, grads, terms = apply_loss(state, config, loss_fn)
+  metrics = {}
+  if hard:
+    state = state.replace(attention_baseline=terms.pop("new_baseline"))
+    # The same on every device already.
+    metrics.update(reward=terms.pop("reward"), baseline=terms.pop("baseline"))
   totals = lax.psum(terms, "batch")
   tokens = jnp.maximum(totals["tokens"], 1.0)
   captions = jnp.maximum(totals["captions"], 1.0)
-  metrics = {
+  metrics.update({
       "xent": totals["xent_sum"] / tokens,
       "attention_loss": totals["attention_sum"] / captions,
       "accuracy": totals["correct"] / tokens,
       "grad_norm": optax.tree.norm(grads),
-  }
+  })
   metrics["loss"] = metrics["xent"] + config.alpha_c * metrics["attention_loss"]
-  # Non-finite values never go away again (Adam's moments keep them), so
-  # checking the new state before each save keeps every checkpoint finite.
-  metrics["finite"] = (jnp.isfinite(metrics["loss"]) &
-                       jnp.isfinite(optax.tree.norm(state.params)))
+  if hard:
+    metrics["entropy"] = totals["entropy_sum"] / tokens
+    metrics["loss"] += hard_attention.loss(totals, tokens, config)
+  metrics["finite"] = is_finite(metrics["loss"], state)
   return state, metrics
 
 

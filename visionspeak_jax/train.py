@@ -53,7 +53,8 @@ def evaluate(p_predict, state: state_lib.TrainState,
   examples = source.eval_examples(split, config.num_eval_examples)
   # Once for the whole split.
   weights = model.decoding_weights(state.params["decoder"],
-                                   config.decode_dtype)
+                                   config.decode_dtype,
+                                   model.attention_kind(config))
   for inputs, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
     decoded = p_predict(state.params, state.batch_stats, weights,
