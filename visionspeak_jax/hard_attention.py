@@ -17,10 +17,12 @@ the paper does "to further improve robustness" (its code's
 `semi_sampling_p`).
 
 Units: the words' cross-entropy is a mean per token over the global batch,
-so the reward is a caption's mean log-likelihood per word, and the REINFORCE
-and entropy sums are divided by the global token count too; with the
-default `reinforce_weight` 0.1 this is the paper's code (`/10.`, rewards of
-per-step mean costs). Decoding reads the most likely region
+so the reward is a caption's mean log-likelihood per word (the paper's code
+rewards a caption's mean cost per step too), and the REINFORCE and entropy
+sums are divided by the global token count. The paper's code weighs
+REINFORCE by 0.1 on a loss it does not divide by its batch size, against
+a cross-entropy it does: 0.1 x the batch size in these units, hence the
+default 3.0 for batches of 32. Decoding reads the most likely region
 (`fast_decoder.decode_step`).
 """
 
