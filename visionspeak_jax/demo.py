@@ -301,6 +301,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.", exitcode=2)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if not FLAGS["verbosity"].present:
+    # Orbax's and the HTTP client's log lines would bury the page's address.
+    logging.set_verbosity(logging.WARNING)
   try:
     beam_sizes = [int(b) for b in FLAGS.beam_sizes]
   except ValueError:
