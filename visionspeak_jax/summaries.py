@@ -7,14 +7,17 @@
     `validation/cider`, `test/bleu4`);
   - `<split>/attention/<i>`: at every evaluation, the attention figure
     (`figures.attention_figure`) of the i-th of the first few images of the
-    split, and `<split>/caption/<i>` its caption and first reference.
+    split, and `<split>/caption/<i>` its caption and first reference (runs
+    on a feature cache have no images, so no figures).
 
 Like `workdir.MetricsLog`, a resumed run drops what was written after the
 step it resumes from: the event files are rewritten with only the points up
 to that step (`resume`), so no reader ever sees a step twice, whatever its
 purge rules (TensorBoard's Python loader purges only after a SessionLog
 event, which `tf.summary` never writes; its Rust data server only per time
-series, and only once a step is written again).
+series, and only once a step is written again). The kept points are written
+again with `tf.summary.experimental.write_raw_pb`, so their wall time becomes
+that of the resume.
 
 Only process 0 of a multi-process run writes (`enabled`).
 """
