@@ -119,17 +119,15 @@ def server(run_dir):
 @pytest.fixture
 def browser():
   browser_path, driver_path = _browser_paths()
-  from selenium import webdriver  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.chrome import options as options_lib  # pylint: disable=g-import-not-at-top
-  from selenium.webdriver.chrome import service as service_lib  # pylint: disable=g-import-not-at-top
-  options = options_lib.Options()
+  webdriver = _module("selenium.webdriver")
+  options = webdriver.ChromeOptions()
   options.binary_location = browser_path
   for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
               "--window-size=1400,1500"):
     options.add_argument(arg)
   # Every request the page makes, to check that none leaves this machine.
   options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-  driver = webdriver.Chrome(service=service_lib.Service(driver_path),
+  driver = webdriver.Chrome(service=webdriver.ChromeService(driver_path),
                             options=options)
   yield driver
   driver.quit()
@@ -153,14 +151,14 @@ def _shapes_image(directory: str) -> tuple[str, dict]:
 
 
 def _wait(driver, condition, what):
-  from selenium.webdriver.support import ui  # pylint: disable=g-import-not-at-top
+  ui = _module("selenium.webdriver.support.ui")
   return ui.WebDriverWait(driver, _TIMEOUT).until(
       lambda d: condition(d), message=f"Waited {_TIMEOUT} s for {what}.")
 
 
 def _find(driver, css):
-  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-  return driver.find_elements(By.CSS_SELECTOR, css)
+  by = _module("selenium.webdriver.common.by")
+  return driver.find_elements(by.By.CSS_SELECTOR, css)
 
 
 def _upload(driver, path):
@@ -284,15 +282,20 @@ def test_page_captions_an_image_and_shows_each_words_attention(
 
 def test_concurrent_requests_are_queued(server, tmp_path):
   url, _ = server
-  from gradio_client import Client, handle_file  # pylint: disable=g-import-not-at-top
+  gradio_client = _module("gradio_client")
   image_path, obj = _shapes_image(str(tmp_path))
-  client = Client(url, verbose=False)
-  jobs = [client.submit(handle_file(image_path), beam, "float32",
-                        api_name="/caption") for beam in (1, 3, 1, 3, 1, 3)]
+  client = gradio_client.Client(url, verbose=False)
+  # Equal requests give equal images: each must still arrive whole.
+  jobs = [client.submit(gradio_client.handle_file(image_path), beam,
+                        "float32", api_name="/caption")
+          for beam in (1, 3) * 4]
   results = [job.result(timeout=_TIMEOUT) for job in jobs]
-  for status, text, *_ in results:
+  for status, text, _, attention, figure in results:
     assert status.startswith("Captioned shape.png"), status
     assert obj["color"] in text and obj["shape"] in text, text
+    for path in (attention, figure):
+      with Image.open(path) as png:
+        png.load()  # Raises on a truncated file.
 
 
 def test_bundled_examples_are_the_shapes_images(tmp_path):

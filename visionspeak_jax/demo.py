@@ -17,11 +17,15 @@ sentence on the page, and the page keeps working. Nothing is loaded from the
 internet: Gradio's analytics and version check are off, no share link.
 """
 
+import atexit
 import dataclasses
+import hashlib
 import io
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Sequence
@@ -151,6 +155,50 @@ def word_panel(result: Result, index: int) -> np.ndarray:
                          size=_PANEL)
 
 
+class PngFiles:
+  """Arrays written as PNG files named by their content, for the page.
+
+  Gradio saves an array output into its cache by rewriting a file named by
+  the content's hash, so a second request with the same result rewrites
+  the file while the browser may be reading it. A file path output instead
+  is copied into the cache atomically, and an existing copy is reused; these
+  files are written atomically too.
+  """
+
+  def __init__(self, keep: int = 512):
+    self.directory = tempfile.mkdtemp(prefix="visionspeak-demo-")
+    self._keep = keep  # Files kept; the oldest half goes beyond that.
+    atexit.register(shutil.rmtree, self.directory, ignore_errors=True)
+
+  def path(self, array: np.ndarray) -> str:
+    """The PNG file of uint8 [H, W, 3] `array`."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="png")
+    data = buffer.getvalue()
+    path = os.path.join(self.directory,
+                        hashlib.sha256(data).hexdigest()[:32] + ".png")
+    if not os.path.exists(path):
+      fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+      with os.fdopen(fd, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+      self._prune()
+    return path
+
+  def _prune(self) -> None:
+    names = [n for n in os.listdir(self.directory) if n.endswith(".png")]
+    if len(names) <= self._keep:
+      return
+    # Gradio has copied every file that an answered request returned.
+    paths = sorted((os.path.join(self.directory, n) for n in names),
+                   key=os.path.getmtime)
+    for old in paths[:len(paths) - self._keep // 2]:
+      try:
+        os.remove(old)
+      except OSError:
+        pass  # Removed by another request's prune.
+
+
 def _gradio():
   """Gradio, imported with its analytics off; a clear error if missing."""
   # Read at import: off before Gradio can start its version check thread.
@@ -175,6 +223,7 @@ def build(demo_model: DemoModel, run_name: str = ""):
   """
   gr = _gradio()
   captioner = demo_model.captioner
+  pngs = PngFiles()
   no_result = ("", gr.Radio(choices=[], value=None), None, None, None)
 
   def caption(path, beam_size, decode_dtype):
@@ -195,12 +244,13 @@ def build(demo_model: DemoModel, run_name: str = ""):
     text = f"{result.caption.text}   (score {result.caption.score:.3f})"
     choices = [(word, i) for i, word in enumerate(words)]
     return (status, text, gr.Radio(choices=choices, value=0),
-            word_panel(result, 0), figure_image(result), result)
+            pngs.path(word_panel(result, 0)), pngs.path(figure_image(result)),
+            result)
 
   def select_word(index, result):
     if result is None or index is None:
       return None
-    return word_panel(result, int(index))
+    return pngs.path(word_panel(result, int(index)))
 
   title = "VisionSpeak-JAX: Show, Attend and Tell"
   with gr.Blocks(title=title, analytics_enabled=False) as blocks:
@@ -234,10 +284,10 @@ def build(demo_model: DemoModel, run_name: str = ""):
         words = gr.Radio(choices=[], label="Words: click one",
                          elem_id="words")
         attention = gr.Image(label="Attention of the selected word",
-                             type="numpy", format="png", interactive=False,
+                             type="filepath", interactive=False,
                              height=_PANEL, elem_id="attention")
-    figure = gr.Image(label="Every word's attention", type="numpy",
-                      format="png", interactive=False, elem_id="figure")
+    figure = gr.Image(label="Every word's attention", type="filepath",
+                      interactive=False, elem_id="figure")
 
     outputs = [status, caption_text, words, attention, figure, result_state]
     inputs = [image_file, beam_size, decode_dtype]
