@@ -282,26 +282,33 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training run directory (with "
-                    "checkpoints/).")
-flags.DEFINE_integer("beam_size", 5, "Beam size; 1 is greedy.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.",
-                     lower_bound=1)
-flags.DEFINE_integer("max_length", None, "Generated tokens at most (EOS "
-                     "included); default the config's max_decode_length.",
-                     lower_bound=1)
-flags.DEFINE_string("output", None, "Directory for attention figures, one "
-                    "<image stem>.png per image.")
-flags.DEFINE_bool("json", False, "Print one JSON object per image.")
-flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.",
-                     lower_bound=0)
-flags.DEFINE_bool("best", False, "Use WORKDIR/best, the top checkpoint by the "
-                  "evaluation metric, instead of WORKDIR/checkpoints.")
-flags.DEFINE_enum("decode_dtype", None, list(model.DTYPES),
-                  "Matmul inputs of the decoder; bfloat16 is faster on CPUs "
-                  "with AVX512-BF16 and on GPUs/TPUs. Default: the run's "
-                  "config.decode_dtype.")
-flags.mark_flag_as_required("workdir")
+
+
+def _define_flags() -> None:
+  """Defines the CLI's flags; only when run as a program.
+
+  The demo imports this module and has flags of its own.
+  """
+  flags.DEFINE_string("workdir", None, "Training run directory (with "
+                      "checkpoints/).")
+  flags.DEFINE_integer("beam_size", 5, "Beam size; 1 is greedy.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.",
+                       lower_bound=1)
+  flags.DEFINE_integer("max_length", None, "Generated tokens at most (EOS "
+                       "included); default the config's max_decode_length.",
+                       lower_bound=1)
+  flags.DEFINE_string("output", None, "Directory for attention figures, one "
+                      "<image stem>.png per image.")
+  flags.DEFINE_bool("json", False, "Print one JSON object per image.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.",
+                       lower_bound=0)
+  flags.DEFINE_bool("best", False, "Use WORKDIR/best, the top checkpoint by "
+                    "the evaluation metric, instead of WORKDIR/checkpoints.")
+  flags.DEFINE_enum("decode_dtype", None, list(model.DTYPES),
+                    "Matmul inputs of the decoder; bfloat16 is faster on CPUs "
+                    "with AVX512-BF16 and on GPUs/TPUs. Default: the run's "
+                    "config.decode_dtype.")
+  flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
@@ -323,4 +330,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -46,6 +46,32 @@ def _upsample_map(alpha: np.ndarray, size: int) -> np.ndarray:
   return up / peak if peak > 0 else up
 
 
+def _blend(base: np.ndarray, alpha: np.ndarray, cmap: str,
+           opacity: float) -> np.ndarray:
+  """float [P, P, 3] image, [h, w] attention -> float [P, P, 3] overlay."""
+  heat = colormaps[cmap](_upsample_map(alpha, base.shape[0]))[..., :3]
+  return (1.0 - opacity) * base + opacity * heat * 255.0
+
+
+def overlay(image: np.ndarray, alpha: np.ndarray, *, size: int = 224,
+            cmap: str = "Greys_r", opacity: float = 0.7) -> np.ndarray:
+  """One word's panel of `attention_figure`, as an array.
+
+  Args:
+    image: uint8 [H, W, 3], the image the model saw.
+    alpha: float [h, w], the word's attention map.
+    size: side of the square result in pixels.
+    cmap: matplotlib colormap of the overlay (see `attention_figure`).
+    opacity: weight of the overlay against the image, in [0, 1].
+
+  Returns:
+    uint8 [size, size, 3].
+  """
+  base = _resize_image(np.asarray(image), size).astype(np.float32)
+  panel = _blend(base, np.asarray(alpha), cmap, opacity)
+  return np.clip(np.round(panel), 0, 255).astype(np.uint8)
+
+
 def grid_shape(num_panels: int, columns: int = 5) -> tuple[int, int]:
   """(rows, columns) of the panel grid for `num_panels` panels."""
   cols = max(1, min(columns, num_panels))
@@ -85,11 +111,7 @@ def attention_figure(image: np.ndarray, words: Sequence[str],
                      f"{len(words)} words, got {list(alphas.shape)}.")
   size = panel_size
   base = _resize_image(image, size).astype(np.float32)  # [P, P, 3]
-  colour = colormaps[cmap]
-  panels = [base]
-  for alpha in alphas:
-    heat = colour(_upsample_map(alpha, size))[..., :3] * 255.0  # [P, P, 3]
-    panels.append((1.0 - opacity) * base + opacity * heat)
+  panels = [base] + [_blend(base, alpha, cmap, opacity) for alpha in alphas]
 
   rows, cols = grid_shape(len(panels), columns)
   height = rows * (_TITLE + size) + (rows + 1) * _MARGIN

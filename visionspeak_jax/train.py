@@ -29,18 +29,24 @@ from visionspeak_jax import errors
 from visionspeak_jax import input_pipeline
 from visionspeak_jax import metrics as metrics_lib
 from visionspeak_jax import model
+from visionspeak_jax import optimizer
 from visionspeak_jax import restore
 from visionspeak_jax import scst
 from visionspeak_jax import state as state_lib
 from visionspeak_jax import step as step_lib
+from visionspeak_jax import summaries
 from visionspeak_jax import vocabulary as vocab_lib
 from visionspeak_jax import workdir as workdir_lib
 
 
 def evaluate(p_predict, state: state_lib.TrainState,
              source: data.DataSource, config: ml_collections.ConfigDict,
-             vocab: vocab_lib.Vocabulary, split: str) -> dict[str, float]:
+             vocab: vocab_lib.Vocabulary, split: str,
+             shown: list[summaries.Shown] | None = None) -> dict[str, float]:
   """Captions a split with beam search and scores it.
+
+  The first `summaries.NUM_FIGURES` images, with their captions and
+  attention, are appended to `shown` when it is given (image sources only).
 
   Returns:
     Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
@@ -71,6 +77,10 @@ def evaluate(p_predict, state: state_lib.TrainState,
       words.append(caption)
       alphas.append(batch_alphas[i, positions])  # [len(caption), R]
       objects.append(ex.objects)
+      if (shown is not None and source.input_key == "image" and
+          len(shown) < summaries.NUM_FIGURES):
+        shown.append(summaries.Shown(ex.inputs, caption, alphas[-1],
+                                     ex.references[0]))
   for image_id in list(predictions)[:3]:
     logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],
                  references[image_id][0])
@@ -184,6 +194,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(state.step)
   metrics_log = workdir_lib.MetricsLog(workdir, jax.process_index() == 0)
   metrics_log.resume(start_step)
+  tensorboard = summaries.TensorBoardLog(workdir, jax.process_index() == 0)
+  tensorboard.resume(start_step)
+  learning_rate = optimizer.learning_rate_schedule(config)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step, p_predict = step_lib.compile_steps(config)
   if config.objective == "scst":
@@ -227,16 +240,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       logging.info("step %d/%d: %s, %.2f steps/s, ETA %.0f s", done,
                    config.num_train_steps, _format(train_metrics),
                    steps_per_sec, eta)
-      metrics_log.write({"step": done, "split": "train",
-                         "steps_per_sec": steps_per_sec, **train_metrics})
+      record = {"step": done, "split": "train", "steps_per_sec": steps_per_sec,
+                "learning_rate": float(learning_rate(step)), **train_metrics}
+      metrics_log.write(record)
+      tensorboard.write(record)
       last_time, last_step = now, done
     if evaluate_now:
+      shown = []
       eval_metrics = evaluate(p_predict, state, source, config, vocab,
-                              config.eval_split)
+                              config.eval_split, shown)
       logging.info("eval %s at step %d: %s", config.eval_split, done,
                    _format(eval_metrics))
-      metrics_log.write({"step": done, "split": config.eval_split,
-                         **eval_metrics})
+      record = {"step": done, "split": config.eval_split, **eval_metrics}
+      metrics_log.write(record)
+      tensorboard.write(record, shown)
       best_ckpt.save(done, state, vocab, config, metrics=eval_metrics,
                      info=source.run_info)
       last_time = time.time()
@@ -248,6 +265,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
                           config.test_split)
   logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
                int(state.step), _format(test_metrics))
-  metrics_log.write({"step": int(state.step), "split": config.test_split,
-                     **test_metrics})
+  record = {"step": int(state.step), "split": config.test_split,
+            **test_metrics}
+  metrics_log.write(record)
+  tensorboard.write(record)
+  tensorboard.close()
   return test_metrics

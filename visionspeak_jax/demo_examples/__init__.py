@@ -1,0 +1,1 @@
+"""Example images of the web demo (`demo.write_examples` draws them)."""
