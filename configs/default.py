@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.hard_attention.entropy_weight = 0.002
   # Decay of the moving-average reward baseline (the paper: 0.9).
   config.hard_attention.baseline_decay = 0.9
+  # How a hard attention model decodes: "argmax" reads the most likely
+  # region (attention maps are one-hot), "expected" the alpha-weighted
+  # context (the paper's code offers both).
+  config.hard_attention.decoding = "argmax"
 
   # Where the inputs come from (see visionspeak_jax/data.py): "tfds" reads
   # images of `dataset` and runs the ResNet on them; "feature_cache" reads

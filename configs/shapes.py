@@ -16,7 +16,11 @@ def get_config():
   config.image_size = 64
   config.vocab_min_count = 1
   config.model.resnet_size = "tiny"
-  config.model.resnet_width = 32
+  # Half the channels of the first version: the encoder's backward pass is
+  # most of a step on a CPU, and 16 channels (64-channel region features)
+  # train 1.7x faster per step to a better F1 in the same time
+  # (README, "Measured results").
+  config.model.resnet_width = 16
   config.model.resnet_stem = "small"  # 64 px -> an 8x8 grid of regions.
   config.model.embed_dim = 128
   config.model.attention_dim = 128
@@ -30,11 +34,13 @@ def get_config():
   # with which shape.
   config.alpha_c = 0.01
   config.batch_size = 32
-  config.num_train_steps = 2_500
+  config.num_train_steps = 3_800
   config.learning_rate = 2e-3
   config.warmup_steps = 200
   config.log_every_steps = 100
-  config.eval_every_steps = 1_250
+  # Evaluate once, at the end (the validation and test splits, 10 s each):
+  # the training log every 100 steps shows the progress.
+  config.eval_every_steps = 3_800
   config.checkpoint_every_steps = 500
   config.shuffle_buffer_size = 10_000  # The whole split: a full shuffle.
   config.cache_train_images = True  # 10k x 64x64x3 = 123 MB.

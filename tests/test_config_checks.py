@@ -1,5 +1,7 @@
 """Config mistakes end in one sentence at start-up, never in a traceback."""
 
+import glob
+import importlib
 import os
 import subprocess
 import sys
@@ -28,6 +30,12 @@ _BAD_VALUES = [
     ("learning_rate", -1e-3, "config.learning_rate must be a number >= 0"),
     ("lr_mults.encoder", -1.0, "config.lr_mults.encoder must be >= 0"),
     ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0, 1)"),
+    ("model.attention", "firm", "config.model.attention must be one of soft, "
+     "hard"),
+    ("hard_attention.sample_prob", 1.5,
+     "config.hard_attention.sample_prob must be a number in [0, 1]"),
+    ("hard_attention.reinforce_weight", -1.0,
+     "config.hard_attention.reinforce_weight must be a number >= 0"),
     ("num_eval_examples", 0, "config.num_eval_examples must be -1"),
     ("data_source", "frozen", "config.data_source must be one of tfds, "
      "feature_cache, got 'frozen'"),
@@ -151,3 +159,12 @@ def test_a_recipe_without_pretrained_weights_stops_in_one_sentence():
   restore.check_encoder_start(config, encoder=False, init_run=None)
   config.model.require_pretrained = False
   restore.check_encoder_start(config, encoder=True, init_run=None)
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(
+        os.path.join(os.path.dirname(__file__), "..", "configs", "*.py"))
+    if not p.endswith("__init__.py")))
+def test_every_shipped_config_passes_the_checks(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_checks.validate(config)

@@ -250,3 +250,13 @@ def test_attention_kind_is_checked_and_shapes_the_state():
   config_checks.check_resume(saved, tiny.get_config(), "/run")
   with pytest.raises(errors.ConfigError, match="model.attention"):
     config_checks.check_resume(saved, _hard_config(), "/run")
+
+
+def test_decoding_rule_of_hard_attention_runs():
+  assert model.decoding_attention(tiny.get_config()) == "soft"
+  config = _hard_config()
+  assert model.decoding_attention(config) == "hard"  # The most likely region.
+  config.hard_attention.decoding = "expected"
+  assert model.decoding_attention(config) == "soft"
+  del config["hard_attention"]  # A run saved before the field existed.
+  assert model.decoding_attention(config) == "hard"

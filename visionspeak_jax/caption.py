@@ -63,7 +63,7 @@ class Captioner:
     if decode_dtype not in self._weights:
       self._weights[decode_dtype] = model.decoding_weights(
           self.params["decoder"], decode_dtype,
-          model.attention_kind(self.config))
+          model.decoding_attention(self.config))
     return self._weights[decode_dtype]
 
   def compiled(self, beam_size: int, max_length: int,

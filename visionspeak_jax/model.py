@@ -51,6 +51,19 @@ def attention_kind(config: ml_collections.ConfigDict) -> str:
   return config.model.get("attention", "soft")
 
 
+def decoding_attention(config: ml_collections.ConfigDict) -> str:
+  """How decoding reads the regions: "soft" (alpha-weighted) or "hard".
+
+  A hard attention run decodes with its most likely region ("hard", the
+  default `hard_attention.decoding = "argmax"`) or with the expected
+  context ("soft", `"expected"`); both are rules of the paper's code.
+  """
+  if attention_kind(config) == "soft":
+    return "soft"
+  decoding = config.get("hard_attention", {}).get("decoding", "argmax")
+  return "hard" if decoding == "argmax" else "soft"
+
+
 def create_encoder(config: ml_collections.ConfigDict,
                    axis_name: str | None = None) -> resnet.ResNet:
   """The ResNet named by `config.model`, computing in `config.dtype`."""

@@ -130,7 +130,7 @@ def sample_step(params: Any, batch_stats: Any, inputs: dict[str, jax.Array],
                             batch_stats, inputs, train=False)
   weights = fast_decoder.decoding_weights(params["decoder"],
                                           model.compute_dtype(config),
-                                          model.attention_kind(config))
+                                          model.decoding_attention(config))
   step_fn, start = model.make_step_fn(weights, feats)
   b = feats.shape[0]
   ids = dict(bos_id=vocab_lib.BOS_ID, eos_id=vocab_lib.EOS_ID,
@@ -211,8 +211,8 @@ def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
 def _decoding_regions(config: ml_collections.ConfigDict, rows: int,
                       num_regions: int, tokens_in: jax.Array
                       ) -> attention.Regions | None:
-  """Hard attention reads the most likely region, as in the sampler."""
-  if model.attention_kind(config) != "hard":
+  """The regions the sampler read: hard attention's most likely ones."""
+  if model.decoding_attention(config) != "hard":
     return None
   return attention.Regions(
       gumbel=jnp.zeros((rows, tokens_in.shape[1], num_regions)),

@@ -60,7 +60,7 @@ def evaluate(p_predict, state: state_lib.TrainState,
   # Once for the whole split.
   weights = model.decoding_weights(state.params["decoder"],
                                    config.decode_dtype,
-                                   model.attention_kind(config))
+                                   model.decoding_attention(config))
   for inputs, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
     decoded = p_predict(state.params, state.batch_stats, weights,
