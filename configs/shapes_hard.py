@@ -23,4 +23,9 @@ def get_config():
   # 64 regions and ~10 words, and it pulls alpha towards uniform, against
   # what REINFORCE learns (the paper's code leaves it at 0 as well).
   config.alpha_c = 0.0
+  # Measured on this config (README, "Hard attention"): 1.5 grounds the
+  # words better than the default 3.0 (the paper's code at batch 32) and
+  # names the shapes better too; 0.1 and 1.0 with the penalty left alpha
+  # uniform.
+  config.hard_attention.reinforce_weight = 1.5
   return config
