@@ -13,7 +13,9 @@ import pytest
 
 from configs import tiny
 from visionspeak_jax import attention
+from visionspeak_jax import config_checks
 from visionspeak_jax import decoder
+from visionspeak_jax import errors
 from visionspeak_jax import fast_decoder
 from visionspeak_jax import hard_attention
 from visionspeak_jax import model
@@ -235,8 +237,6 @@ def test_a_hard_run_resumes_exactly_and_decodes_one_region_per_word(
 
 
 def test_attention_kind_is_checked_and_shapes_the_state():
-  from visionspeak_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from visionspeak_jax import errors  # pylint: disable=g-import-not-at-top
   config = _hard_config()
   config.model.attention = "firm"
   with pytest.raises(errors.ConfigError, match="model.attention"):

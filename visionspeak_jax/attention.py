@@ -15,9 +15,7 @@ function of its inputs), and the most likely region (noise of zeros), which
 is how hard attention decodes.
 """
 
-from typing import NamedTuple
-
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

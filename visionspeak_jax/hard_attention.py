@@ -87,20 +87,20 @@ def loss_terms(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   words = jnp.maximum(mask.sum(1), 1.0)
   reward = lax.stop_gradient(-(xent * mask).sum(1) / words)  # [B]
   hard = regions.hard * (mask.sum(1) > 0)
-  count = jnp.maximum(lax.psum(hard.sum(), axis_name), 1.0)
-  mean_reward = lax.psum((hard * reward).sum(), axis_name) / count
+  sampled = lax.psum(hard.sum(), axis_name)  # Captions with a sample.
+  mean_reward = (lax.psum((hard * reward).sum(), axis_name)
+                 / jnp.maximum(sampled, 1.0))
   baseline = jnp.where(first_step, mean_reward, baseline)
   log_alphas = jnp.log(jnp.maximum(alphas, 1e-30))
-  log_p_regions = (jnp.take_along_axis(log_alphas, chosen[..., None], -1)[..., 0]
-                   * mask).sum(1)  # [B]
+  log_p_regions = (jnp.take_along_axis(log_alphas, chosen[..., None],
+                                       -1)[..., 0] * mask).sum(1)  # [B]
   entropy = -(alphas * log_alphas).sum(-1)  # [B, T]
   return {
       "reinforce_sum": -(hard * (reward - baseline) * log_p_regions).sum(),
       "entropy_sum": (entropy * mask).sum(),
       "reward": mean_reward,
       "baseline": baseline,
-      "new_baseline": update_baseline(baseline, mean_reward,
-                                      lax.psum(hard.sum(), axis_name) > 0,
+      "new_baseline": update_baseline(baseline, mean_reward, sampled > 0,
                                       decay),
   }
 

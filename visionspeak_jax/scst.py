@@ -9,9 +9,10 @@ rewarded with its CIDEr-D against the image's references, and the loss is
 averaged over the B x K samples, plus `config.scst.xe_weight` times the
 cross-entropy of the batch's reference captions (a mixed objective: CIDEr
 alone drifts towards its consensus phrasing, and on the shapes set that
-phrasing binds colours to the wrong shapes more often). The baseline is the mean reward of the
-image's other K - 1 samples ("mean", the default; no extra decoding) or the
-reward of its greedy caption ("greedy", Rennie et al.'s original).
+phrasing binds colours to the wrong shapes more often). The baseline is the
+mean reward of the image's other K - 1 samples ("mean", the default; no
+extra decoding) or the reward of its greedy caption ("greedy", Rennie et
+al.'s original).
 
 One step is three parts:
 1. on the devices (pmapped): the features, K samples per image (and the

@@ -108,8 +108,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   if hard:  # Soft runs keep `rng` for dropout alone, as they always did.
     rng, regions_rng = jax.random.split(rng)
     regions = hard_attention.draw_regions(
-        regions_rng, inputs.shape[0], inputs.shape[1], model.num_regions(config),
-        config.hard_attention.sample_prob)
+        regions_rng, inputs.shape[0], inputs.shape[1],
+        model.num_regions(config), config.hard_attention.sample_prob)
 
   def loss_fn(params, train_encoder):
     features, batch_stats = model.features(
