@@ -151,9 +151,29 @@ def _shapes_image(directory: str) -> tuple[str, dict]:
 
 
 def _wait(driver, condition, what):
+  """Waits for `condition(driver)` to be truthy; returns its value.
+
+  Gradio re-renders parts of the page after each event, so an element found
+  a moment ago can be gone ("stale"): the condition is then asked again.
+  """
   ui = _module("selenium.webdriver.support.ui")
-  return ui.WebDriverWait(driver, _TIMEOUT).until(
+  stale = _module("selenium.common.exceptions").StaleElementReferenceException
+  return ui.WebDriverWait(driver, _TIMEOUT, ignored_exceptions=(stale,)).until(
       lambda d: condition(d), message=f"Waited {_TIMEOUT} s for {what}.")
+
+
+def _click_text(driver, css, text, what):
+  """Clicks the first element matching `css` whose text is `text`.
+
+  Finding and clicking happen in one script, in the page, so a re-render
+  between the two cannot leave a stale element.
+  """
+  script = """
+      const found = [...document.querySelectorAll(arguments[0])]
+          .find(e => e.innerText.trim() === arguments[1]);
+      if (found) found.click();
+      return Boolean(found);"""
+  _wait(driver, lambda d: d.execute_script(script, css, text), what)
 
 
 def _find(driver, css):
@@ -212,18 +232,19 @@ def test_page_captions_an_image_and_shows_each_words_attention(
   print(f"\ntest_demo: caption of a {obj['color']} {obj['shape']}: {text!r}")
   assert obj["color"] in words and obj["shape"] in words, text
   assert "score -" in text  # A log-probability.
-  status = _find(browser, "#status")[0].text
+  status = _wait(browser, lambda d: _find(d, "#status")[0].text, "the status")
   assert "Captioned shape.png" in status, status
 
-  labels = _find(browser, "#words label")
-  assert [label.text for label in labels] == words
-  src, pixels = _attention_png(browser)
+  labels = _wait(browser, lambda d: [l.text for l in _find(d, "#words label")],
+                 "the words")
+  assert labels == words
+  src, pixels = _wait(browser, _attention_png, "the attention image")
   assert src
   # The shape word: where the model looked differs from the first word's.
-  labels[words.index(obj["shape"])].click()
+  _click_text(browser, "#words label", obj["shape"], "the shape word")
   _wait(browser, lambda d: _attention_png(d)[0] != src,
         "the attention of the clicked word")
-  new_src, new_pixels = _attention_png(browser)
+  new_src, new_pixels = _wait(browser, _attention_png, "the attention image")
   assert new_src != src
   a = np.asarray(Image.open(io.BytesIO(pixels)).convert("L"), np.float32)
   b = np.asarray(Image.open(io.BytesIO(new_pixels)).convert("L"), np.float32)
@@ -256,16 +277,14 @@ def test_page_captions_an_image_and_shows_each_words_attention(
       d, "body")[0].text, "the message about the file size")
 
   # The page still works: an example image, greedy this time.
-  for label in _find(browser, "#beam-size label"):
-    if label.text.strip() == "1":
-      label.click()
-  example = [e for e in _find(browser, "button, td, div[role=button]")
-             if e.text.strip() == "one_shape.png"]
-  assert example, "no example button"
-  example[0].click()
-  text = _wait(browser, _caption_text, "the example's caption")
-  assert "Captioned one_shape.png" in _find(browser, "#status")[0].text
-  assert "beam 1" in _find(browser, "#status")[0].text
+  _click_text(browser, "#beam-size label", "1", "the beam size 1")
+  _click_text(browser, "button, td, div[role=button]", "one_shape.png",
+              "the example button")
+  status = _wait(browser, lambda d: "one_shape.png" in _find(
+      d, "#status")[0].text and _find(d, "#status")[0].text,
+      "the example's caption")
+  assert "Captioned one_shape.png" in status and "beam 1" in status, status
+  assert _caption_text(browser)
 
   # Everything was compiled at start-up, nothing per request.
   assert not compiles, f"{len(compiles)} compilations during requests"
