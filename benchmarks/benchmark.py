@@ -36,6 +36,15 @@ import sys
 import time
 from typing import Any, Callable
 
+# `python benchmarks/benchmark.py` from a checkout: the package sits one
+# level up. Appended, so an installed package or PYTHONPATH comes first.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from visionspeak_jax import huge_pages
+
+if __name__ == "__main__":  # First, before JAX: this may start it again.
+  huge_pages.reexec()
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -46,10 +55,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# `python benchmarks/benchmark.py` from a checkout: the package sits one
-# level up. Appended, so an installed package or PYTHONPATH comes first.
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# pylint: disable=g-import-not-at-top
 from configs import coco
 from configs import coco_finetune
 from visionspeak_jax import decoder
@@ -369,6 +374,15 @@ def _cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
+def _minor_faults() -> int:
+  """This process's minor page faults so far (0 where not reported)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Not Unix.
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _seconds(run: Callable[[], Any], repeats: int) -> tuple[float, float]:
   """(median, best) wall time of `repeats` calls of `run`."""
   times = []
@@ -438,8 +452,10 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
   if not np.isfinite(first_loss):
     raise SystemExit(f"The training step gave a non-finite loss "
                      f"({first_loss}); the benchmark sizes are broken.")
+  faults = _minor_faults()
   step_s, best_s = (s / steps for s in _seconds(
       lambda: run_steps(steps), repeats))
+  faults = (_minor_faults() - faults) / (steps * repeats)
   flops_items = forward_flops(**sizes)
   forward = sum(flops_items.values())
   analytic = 3 * forward
@@ -456,6 +472,8 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
       f"{step_s * 1e3:.0f} ms/step, median of {repeats} x "
       f"{steps} steps (best {best_s * 1e3:.0f} ms)")
   row("train tokens/s", f"{b * t / step_s:.0f}", f"B*T = {b * t} per step")
+  row("minor page faults per step", f"{faults:.0f}",
+      "XLA's temporaries, mapped afresh at every call (huge_pages.py)")
   row("step GFLOP, analytic", f"{analytic / 1e9:.2f}",
       f"3 x {forward / 1e9:.2f} forward matmul GFLOP")
   row("step GFLOP, traced dot_generals", f"{traced / 1e9:.2f}",
@@ -779,7 +797,8 @@ def main(argv):
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind} x "
         f"{jax.device_count()} ({jax.local_device_count()} local), "
         f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {load:.1f}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"{huge_pages.describe()}")
   print(f"decoder sizes: B={_BATCH.value} T={_LENGTH.value} "
         f"R={_REGIONS.value} C={_FEATURE_DIM.value} V={_VOCAB.value} "
         f"E={_EMBED.value} H={_HIDDEN.value} A={_ATTENTION.value} "

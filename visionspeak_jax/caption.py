@@ -13,6 +13,12 @@ Only the checkpoint is needed (state, vocabulary and config are saved in it),
 not the training data.
 """
 
+from visionspeak_jax import huge_pages
+
+if __name__ == "__main__":  # First, before JAX: this may start it again.
+  huge_pages.reexec()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import functools
 import json

@@ -17,6 +17,12 @@ sentence on the page, and the page keeps working. Nothing is loaded from the
 internet: Gradio's analytics and version check are off, no share link.
 """
 
+from visionspeak_jax import huge_pages
+
+if __name__ == "__main__":  # First, before JAX: this may start it again.
+  huge_pages.reexec()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import atexit
 import dataclasses
 import hashlib

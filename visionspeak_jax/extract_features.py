@@ -12,6 +12,12 @@ checkpoint in --workdir, else (only with --config.extract_random_encoder) a
 random init. The cache goes to --config.feature_cache_dir or WORKDIR/features.
 """
 
+from visionspeak_jax import huge_pages
+
+if __name__ == "__main__":  # First, before JAX: this may start it again.
+  huge_pages.reexec()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

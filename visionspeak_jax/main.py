@@ -5,6 +5,12 @@
       --config.batch_size=64
 """
 
+from visionspeak_jax import huge_pages
+
+if __name__ == "__main__":  # First, before JAX: this may start it again.
+  huge_pages.reexec()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags

@@ -11,6 +11,7 @@ import ml_collections
 
 from visionspeak_jax import distributed
 from visionspeak_jax import errors
+from visionspeak_jax import huge_pages
 
 # Libraries whose INFO lines would bury a run's own log.
 _QUIET_INFO = ("/orbax/", "/tensorflow_datasets/")
@@ -37,6 +38,7 @@ def start(config: ml_collections.ConfigDict) -> None:
   distributed.initialize(config)
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  logging.info("Host memory: %s", huge_pages.describe())
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,0 +1,115 @@
+"""huge_pages: when an entry point starts again, and that malloc then faults
+in 2 MiB pages instead of 4 KiB ones."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from visionspeak_jax import huge_pages
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Maps and unmaps 64 MiB five times, as XLA does with a step's temporaries,
+# and reports the page faults of the last four rounds.
+_SCRIPT = textwrap.dedent("""
+    import ctypes, json, os, resource, sys
+    from visionspeak_jax import huge_pages
+    print("started", flush=True)
+    huge_pages.reexec()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    size = 64 << 20
+    for i in range(5):
+      if i == 1:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      p = libc.malloc(size)
+      ctypes.memset(p, 1, size)
+      libc.free(ctypes.c_void_p(p))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    print(json.dumps({"argv": sys.argv[1:], "faults": faults / 4,
+                      "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
+""")
+
+
+def _run(tmp_path, env):
+  script = tmp_path / "alloc.py"
+  script.write_text(_SCRIPT)
+  env = dict(env, PYTHONPATH=_REPO)
+  result = subprocess.run(
+      [sys.executable, "-u", str(script), "--flag=1", "two words"],
+      env=env, capture_output=True, text=True, timeout=60, check=True)
+  lines = result.stdout.splitlines()
+  return lines, json.loads(lines[-1])
+
+
+def test_wanted_only_where_it_helps():
+  madvise = huge_pages.wanted({}, "madvise")
+  assert madvise == (sys.platform == "linux" and
+                     huge_pages._glibc_supports_tunable())
+  assert not huge_pages.wanted({}, "always")  # Huge pages without it.
+  assert not huge_pages.wanted({}, "never")
+  assert not huge_pages.wanted({}, "")  # No transparent huge pages.
+  assert not huge_pages.wanted({"VISIONSPEAK_HUGE_PAGES": "0"}, "madvise")
+  assert not huge_pages.wanted(
+      {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise")
+
+
+def test_environment_keeps_other_tunables():
+  env = huge_pages.environment(
+      {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
+  assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:"
+                                   "glibc.malloc.hugetlb=1")
+  assert env["HOME"] == "/h" and env["VISIONSPEAK_HUGE_PAGES"] == "1"
+  assert huge_pages.environment({})["GLIBC_TUNABLES"] == huge_pages.TUNABLE
+  assert not huge_pages.wanted(env, "madvise")  # Never a second time.
+
+
+def test_reexec_keeps_the_command_and_gives_huge_pages(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  lines, out = _run(tmp_path, env)
+  assert out["argv"] == ["--flag=1", "two words"]
+  if not huge_pages.wanted(env):
+    # Nothing to gain here (not glibc 2.35+, or huge pages `always` or
+    # `never`): the command runs once, unchanged.
+    assert lines.count("started") == 1 and not out["tunables"]
+    return
+  assert lines.count("started") == 2  # Started again, once.
+  assert out["tunables"] == huge_pages.TUNABLE
+  # 64 MiB is 16 384 pages of 4 KiB: each round faulted them all in before.
+  assert out["faults"] < 2000, out
+
+  off = dict(env, VISIONSPEAK_HUGE_PAGES="0")
+  lines, out = _run(tmp_path, off)
+  assert lines.count("started") == 1 and not out["tunables"]
+  assert out["faults"] > 16000, out
+
+
+def test_entry_points_start_again_before_importing_jax():
+  for path in ("visionspeak_jax/main.py", "visionspeak_jax/caption.py",
+               "visionspeak_jax/demo.py", "visionspeak_jax/extract_features.py",
+               "benchmarks/benchmark.py"):
+    with open(os.path.join(_REPO, path)) as f:
+      source = f.read()
+    call = source.find("huge_pages.reexec()")
+    assert call > 0, path
+    for heavy in ("import jax", "import tensorflow", "import numpy",
+                  "from absl"):
+      first = source.find(heavy)
+      assert first == -1 or first > call, (path, heavy)
+
+
+@pytest.mark.parametrize("mode, text", [
+    ("madvise", "always [madvise] never\n"),
+    ("never", "always madvise [never]\n"),
+    (None, "garbage"),
+])
+def test_thp_mode(tmp_path, mode, text):
+  path = tmp_path / "enabled"
+  path.write_text(text)
+  assert huge_pages._thp_mode(str(path)) == mode
+  assert huge_pages._thp_mode(str(tmp_path / "missing")) is None
