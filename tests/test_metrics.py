@@ -123,6 +123,48 @@ def test_meteor_failure_is_clear_and_does_not_hang(monkeypatch):
 
 
 @pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
+def test_shared_meteor_scores_with_one_jvm_and_stops_it(monkeypatch):
+  started = []
+
+  class CountedMeteor(metrics.Meteor):
+
+    def __init__(self):
+      super().__init__()
+      started.append(self)
+
+  monkeypatch.setattr(metrics, "Meteor", CountedMeteor)
+  before = {p.pid for p in psutil.Process().children(recursive=True)}
+  alone = metrics.caption_metrics(_REFERENCES, _WRONG, use_java=True)
+  assert len(started) == 1 and started[0].meteor_p.poll() is not None
+  with metrics.shared_meteor():
+    assert len(started) == 2  # Started on entry, to load while runs train.
+    with metrics.shared_meteor():  # Nested: the same one.
+      shared = [metrics.caption_metrics(_REFERENCES, _WRONG, use_java=True)
+                for _ in range(2)]
+    assert len(started) == 2 and started[1].meteor_p.poll() is None
+  assert started[1].meteor_p.poll() is not None  # Stopped on leaving.
+  assert shared == [alone, alone]
+  alive = [p for p in psutil.Process().children(recursive=True)
+           if p.pid not in before and p.is_running() and
+           p.status() != psutil.STATUS_ZOMBIE]
+  assert not alive
+
+
+@pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
+def test_shared_meteor_restarts_after_a_failure(monkeypatch):
+  gts = {k: v for k, v in _REFERENCES.items()}
+  res = {k: [v] for k, v in _EXACT.items()}
+  with metrics.shared_meteor():
+    metrics._shared[0].meteor_p.kill()  # The JVM dies mid-run.
+    metrics._shared[0].meteor_p.wait()
+    with pytest.raises(RuntimeError, match="use_java=False"):
+      metrics._meteor(gts, res)
+    assert metrics._shared == [None]
+    assert metrics._meteor(gts, res) == pytest.approx(1.0, abs=1e-3)
+  assert not metrics._shared
+
+
+@pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
 def test_close_meteor_stops_the_jvm_and_frees_the_lock():
   scorer = metrics.Meteor()
   scorer.lock.acquire()  # As a failed compute_score leaves it.

@@ -174,7 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     best_ckpt = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "best"), 1, best_metric=config.best_metric)
     try:
-      return _train(config, workdir, ckpt, best_ckpt)
+      # METEOR's JVM loads while the run trains, once for all evaluations.
+      with metrics_lib.shared_meteor():
+        return _train(config, workdir, ckpt, best_ckpt)
     finally:
       for c in (ckpt, best_ckpt):
         c.wait()  # What was saved is complete, even when the run stops.
