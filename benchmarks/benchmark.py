@@ -342,6 +342,53 @@ def make_train_step(optimizer: optax.GradientTransformation,
   return jax.jit(train_step, donate_argnums=(0, 1))
 
 
+def recurrence_flops(*, batch: int, length: int, regions: int,
+                     feature_dim: int, hidden_dim: int, attention_dim: int,
+                     gate: str, **unused: Any) -> float:
+  """Matmul FLOPs of the recurrence's forward and backward pass.
+
+  The part of `forward_flops` that `fast_decoder._recurrence` runs inside
+  its scan (the fused matmul on h, the context rows of the LSTM weight, the
+  attention scores and context), times 3 as there.
+  """
+  del unused
+  b, r, c, h, a = batch, regions, feature_dim, hidden_dim, attention_dim
+  g = {"vector": c, "scalar": 1}.get(gate, 0)
+  per_step = (2 * b * h * (a + g + 4 * h) + 2 * b * c * 4 * h
+              + 2 * b * r * a + 2 * b * r * c)
+  return 3 * length * per_step
+
+
+def time_recurrence(params: Params, features: jax.Array, length: int,
+                    repeats: int) -> float:
+  """Median seconds of the recurrence alone: forward, backward, weight grads.
+
+  `fast_decoder._recurrence` on the step's weights and features, with a
+  random embedding input, differentiated with respect to everything the
+  training step differentiates it for.
+  """
+  # pylint: disable=protected-access
+  fused = fast_decoder.fused_weights(params)
+  features_proj = decoder.project_features(params, features)
+  carry = decoder.init_state(params, features)
+  attention_dim, gate_dim = fast_decoder._dims(fused.small)
+  z_emb = jax.random.normal(jax.random.key(0),
+                            (length,) + carry[0].shape[:1]
+                            + fused.lstm_b.shape)
+
+  def loss(w_h, w_ctx, small, features_proj, z_emb):
+    hs, contexts, alphas, _ = fast_decoder._recurrence(
+        attention_dim, gate_dim, w_h, w_ctx, small, features, features_proj,
+        z_emb, carry, None)
+    return hs.sum() + contexts.sum() + (alphas ** 2).sum()
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+  args = (fused.w_h, fused.w_ctx, fused.small, features_proj, z_emb)
+  jax.block_until_ready(grad(*args))  # Compile and warm up.
+  return _seconds(lambda: grad(*args), repeats)[0]
+  # pylint: enable=protected-access
+
+
 def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   """`model.beam_caption` on features, returning the final BeamState.
 
@@ -485,6 +532,18 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
   row("train GFLOP/s (analytic)", f"{analytic / step_s / 1e9:.1f}",
       f"{analytic / step_s / 1e9 / peak:.0%} of f32 matmul peak (best "
       f"repeat {analytic / best_s / 1e9 / peak:.0%})")
+  # The scan is the part that cannot batch over time: M = B rows per matmul.
+  rec_s = time_recurrence(params, features, t, repeats)
+  rec_flops = recurrence_flops(**sizes)
+  row("of which the recurrence (ms)", f"{rec_s * 1e3:.0f}",
+      f"its scan forward + backward, alone: {rec_flops / 1e9:.1f} GFLOP at "
+      f"{rec_flops / rec_s / 1e9:.0f} GFLOP/s, "
+      f"{rec_flops / rec_s / 1e9 / peak:.0%} of peak")
+  rest_s = step_s - rec_s
+  row("the rest of the step (ms)", f"{rest_s * 1e3:.0f}",
+      f"step - recurrence: {(analytic - rec_flops) / 1e9:.1f} GFLOP at "
+      f"{(analytic - rec_flops) / rest_s / 1e9:.0f} GFLOP/s, "
+      f"{(analytic - rec_flops) / rest_s / 1e9 / peak:.0%} of peak")
   return flops_items
 
 
