@@ -3,19 +3,21 @@
 XLA:CPU allocates an executable's temporaries afresh at every call: 201 MB
 for the decoder benchmark's training step. glibc serves a block that size
 with a new `mmap` and gives it back with `munmap`, so every call faults
-every page in again, 4 KiB at a time: 51 600 minor faults per step, about
-15 % of the step's time on a 2-core AMD EPYC (benchmarks/README.md).
+every page in again, 4 KiB at a time: 51 700 minor faults per step, 7-14 %
+of the step's time on a 2-core AMD EPYC, and a fifth of the default shapes
+run's step (benchmarks/README.md).
 glibc 2.35 and later can ask for transparent huge pages on those mappings
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): 2 MiB pages, 500 faults per step,
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): 2 MiB pages, 600 faults per step,
 and the same numbers bit for bit (only where the memory comes from
 changes).
 
 The tunable is read once, when a process starts, so `reexec()` starts the
 command again with it set, before JAX or TensorFlow are imported; the entry
-points (`main`, `caption`, `demo`, `extract_features`, the benchmarks) call
-it first. It does nothing where it cannot help: not Linux with glibc 2.35+,
-huge pages off (`never`) or already used for everything (`always`), the
-tunable already set, or `VISIONSPEAK_HUGE_PAGES=0` in the environment.
+points (`main`, `caption`, `demo`, `extract_features`,
+`benchmarks/benchmark.py`) call it first. It does nothing where it cannot
+help: not Linux with glibc 2.35+, huge pages off (`never`) or already used
+for everything (`always`), the tunable already set, or
+`VISIONSPEAK_HUGE_PAGES` set (`=0` turns it off) in the environment.
 """
 
 import os
