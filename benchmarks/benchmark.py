@@ -320,14 +320,20 @@ def random_tokens(rng: np.random.RandomState, batch: int, length: int,
 
 
 def make_train_step(optimizer: optax.GradientTransformation,
-                    dropout_rate: float, alpha_c: float) -> Callable[..., Any]:
-  """The decoder half of train.py's step: loss, grads, optax update."""
+                    dropout_rate: float, alpha_c: float,
+                    dtype: Any = None) -> Callable[..., Any]:
+  """The decoder half of train.py's step: loss, grads, optax update.
+
+  `dtype` is `teacher_forced`'s matmul input dtype: None (float32) or
+  bfloat16 for `config.dtype="bfloat16"`'s mixed precision.
+  """
 
   def loss_fn(params, features, tokens, rng):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T + 1] -> [B, T]
     mask = (targets != vocabulary.PAD_ID).astype(jnp.float32)
     logits, alphas, _ = fast_decoder.teacher_forced(
-        params, features, inputs, dropout_rate=dropout_rate, rng=rng)
+        params, features, inputs, dropout_rate=dropout_rate, rng=rng,
+        dtype=dtype)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return (terms["xent_sum"] / jnp.maximum(terms["tokens"], 1.0)
             + alpha_c * terms["attention_sum"]
@@ -447,7 +453,8 @@ def row(name: str, value: Any, note: str = "") -> None:
 
 def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
                          alpha_c: float, steps: int, repeats: int, seed: int,
-                         peak: float) -> dict[str, float]:
+                         peak: float, bf16_peak: float | None = None
+                         ) -> dict[str, float]:
   """Times the decoder's training step on features and prints its rows.
 
   Args:
@@ -458,6 +465,8 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
     repeats: timed repeats (median).
     seed: seeds parameters and data.
     peak: float32 matmul GFLOP/s, for the share of peak.
+    bf16_peak: bfloat16 matmul GFLOP/s; given, the step is also timed in
+      mixed precision (bfloat16 matmul inputs, float32 sums) against it.
 
   Returns:
     The forward matmul FLOPs per item (`forward_flops`).
@@ -485,13 +494,13 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
 
   step_count = 0
 
-  def run_steps(count):
+  def run_steps(count, step_fn=compiled):
     nonlocal params, opt_state, step_count
     loss = None
     for _ in range(count):
       rng = jax.random.fold_in(base_rng, step_count)
-      params, opt_state, loss = compiled(params, opt_state, features, tokens,
-                                         rng)
+      params, opt_state, loss = step_fn(params, opt_state, features, tokens,
+                                        rng)
       step_count += 1
     return loss
 
@@ -539,11 +548,26 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
       f"its scan forward + backward, alone: {rec_flops / 1e9:.1f} GFLOP at "
       f"{rec_flops / rec_s / 1e9:.0f} GFLOP/s, "
       f"{rec_flops / rec_s / 1e9 / peak:.0%} of peak")
-  rest_s = step_s - rec_s
+  rest_s = max(step_s - rec_s, 1e-9)  # Tiny sizes: timing noise.
   row("the rest of the step (ms)", f"{rest_s * 1e3:.0f}",
       f"step - recurrence: {(analytic - rec_flops) / 1e9:.1f} GFLOP at "
       f"{(analytic - rec_flops) / rest_s / 1e9:.0f} GFLOP/s, "
       f"{(analytic - rec_flops) / rest_s / 1e9 / peak:.0%} of peak")
+  if bf16_peak:
+    # Mixed precision, as `config.dtype="bfloat16"` trains: the same FLOPs,
+    # against the bfloat16 peak.
+    compiled_bf16, compile_s = _jit_compile(
+        make_train_step(optimizer, dropout_rate, alpha_c, jnp.bfloat16),
+        params, opt_state, features, tokens, base_rng)
+    run_steps(2, compiled_bf16)  # Warm-up.
+    bf16_s, bf16_best = (s / steps for s in _seconds(
+        lambda: run_steps(steps, compiled_bf16), repeats))
+    row("train steps/s, bfloat16", f"{1 / bf16_s:.2f}",
+        f"{bf16_s * 1e3:.0f} ms/step (best {bf16_best * 1e3:.0f} ms), "
+        f"{step_s / bf16_s:.2f}x float32; compile {compile_s:.1f} s")
+    row("train GFLOP/s, bfloat16", f"{analytic / bf16_s / 1e9:.1f}",
+        f"{analytic / bf16_s / 1e9 / bf16_peak:.0%} of bf16 matmul peak, "
+        f"{analytic / bf16_s / 1e9 / peak:.0%} of f32")
   return flops_items
 
 
@@ -888,7 +912,7 @@ def main(argv):
     flops_items = decoder_step_section(
         sizes=sizes, dropout_rate=_DROPOUT.value, alpha_c=_ALPHA_C.value,
         steps=_STEPS.value, repeats=_REPEATS.value, seed=_SEED.value,
-        peak=peaks["float32"])
+        peak=peaks["float32"], bf16_peak=peaks["bfloat16"])
   if _BEAM_SIZES.value:
     beam_section(
         sizes=sizes, beam_batch=_BEAM_BATCH.value,

@@ -1,4 +1,5 @@
-"""Tests of benchmarks/benchmark.py: no TensorFlow, and the COCO step rows.
+"""Tests of benchmarks/benchmark.py: no TensorFlow, the COCO step rows and
+the decoder step rows.
 
 Both run the benchmark in a subprocess, as a script is run: its absl flags
 are parsed there, and the imports it makes are its own. The subprocess
@@ -52,3 +53,21 @@ def test_coco_step_rows():
       assert share and float(share.group(1)) > 0, out
   # Four images per step (two per device), so the batch reached both.
   assert "2/device x 2" in out
+
+
+def test_decoder_step_rows():
+  out = _python(
+      _BENCHMARK, "--batch_size=4", "--length=3", "--regions=4",
+      "--feature_dim=16", "--vocab_size=50", "--embed_dim=8",
+      "--hidden_dim=8", "--attention_dim=8", "--steps=1", "--repeats=1",
+      "--peak_size=128", "--coco_variants=", "--beam_sizes=",
+      "--pipeline_dataset=").stdout
+  # Which pages malloc gets is in the header, whatever this machine has.
+  assert re.search(r"malloc (huge|4 KiB) pages", out), out
+  assert re.search(r"train steps/s +[0-9.]+ ", out), out
+  assert re.search(r"minor page faults per step +[0-9]+ ", out), out
+  for name in ("of which the recurrence", "the rest of the step"):
+    assert re.search(rf"{name} \(ms\) +-?[0-9]+ .* GFLOP at", out), out
+  assert re.search(r"train steps/s, bfloat16 +[0-9.]+ .*x float32", out), out
+  assert re.search(r"train GFLOP/s, bfloat16 +[0-9.]+ .* of bf16 matmul "
+                   r"peak", out), out
