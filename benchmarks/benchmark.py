@@ -43,7 +43,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from visionspeak_jax import huge_pages
 
 if __name__ == "__main__":  # First, before JAX: this may start it again.
-  huge_pages.reexec()
+  huge_pages.reexec(__file__)
 
 from absl import app
 from absl import flags

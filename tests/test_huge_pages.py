@@ -19,7 +19,7 @@ _SCRIPT = textwrap.dedent("""
     import ctypes, json, os, resource, sys
     from visionspeak_jax import huge_pages
     print("started", flush=True)
-    huge_pages.reexec()
+    huge_pages.reexec(__file__)
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     size = 64 << 20
@@ -89,13 +89,51 @@ def test_reexec_keeps_the_command_and_gives_huge_pages(tmp_path):
   assert out["faults"] > 16000, out
 
 
+def test_only_the_program_itself_starts_again(tmp_path):
+  # Run through runpy from another program, the module must not restart
+  # that program.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  (tmp_path / "alloc.py").write_text(_SCRIPT)
+  outer = tmp_path / "outer.py"
+  outer.write_text(textwrap.dedent(f"""
+      import runpy, sys
+      sys.path.insert(0, {str(tmp_path)!r})
+      print("outer", flush=True)
+      runpy.run_path({str(tmp_path / "alloc.py")!r})
+  """))
+  result = subprocess.run(
+      [sys.executable, "-u", str(outer)], env=dict(env, PYTHONPATH=_REPO),
+      capture_output=True, text=True, timeout=60, check=True)
+  lines = result.stdout.splitlines()
+  assert lines.count("outer") == 1 and lines.count("started") == 1, lines
+  assert not json.loads(lines[-1])["tunables"]
+
+
+def test_a_module_run_with_dash_m_starts_again(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  package = tmp_path / "some_package"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "prog.py").write_text(_SCRIPT)
+  result = subprocess.run(
+      [sys.executable, "-u", "-m", "some_package.prog", "--flag=1"],
+      env=dict(env, PYTHONPATH=f"{tmp_path}:{_REPO}"), capture_output=True,
+      text=True, timeout=60, check=True)
+  lines = result.stdout.splitlines()
+  out = json.loads(lines[-1])
+  assert out["argv"] == ["--flag=1"]
+  assert lines.count("started") == (2 if huge_pages.wanted(env) else 1)
+
+
 def test_entry_points_start_again_before_importing_jax():
   for path in ("visionspeak_jax/main.py", "visionspeak_jax/caption.py",
                "visionspeak_jax/demo.py", "visionspeak_jax/extract_features.py",
                "benchmarks/benchmark.py"):
     with open(os.path.join(_REPO, path)) as f:
       source = f.read()
-    call = source.find("huge_pages.reexec()")
+    call = source.find("huge_pages.reexec(__file__)")
     assert call > 0, path
     for heavy in ("import jax", "import tensorflow", "import numpy",
                   "from absl"):

@@ -16,7 +16,7 @@ not the training data.
 from visionspeak_jax import huge_pages
 
 if __name__ == "__main__":  # First, before JAX: this may start it again.
-  huge_pages.reexec()
+  huge_pages.reexec(__file__)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses

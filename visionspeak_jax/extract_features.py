@@ -15,7 +15,7 @@ random init. The cache goes to --config.feature_cache_dir or WORKDIR/features.
 from visionspeak_jax import huge_pages
 
 if __name__ == "__main__":  # First, before JAX: this may start it again.
-  huge_pages.reexec()
+  huge_pages.reexec(__file__)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app

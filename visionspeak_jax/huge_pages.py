@@ -20,6 +20,7 @@ for everything (`always`), the tunable already set, or
 `VISIONSPEAK_HUGE_PAGES` set (`=0` turns it off) in the environment.
 """
 
+import importlib.util
 import os
 import platform
 import sys
@@ -85,15 +86,41 @@ def describe(environ: Mapping[str, str] | None = None) -> str:
   return f"malloc 4 KiB pages (transparent huge pages: {mode or 'unknown'})"
 
 
-def reexec() -> None:
+def _runs(program: str) -> bool:
+  """Whether this process's command line runs `program` (a module's file).
+
+  Reads `sys.orig_argv`: `python [options] -m MODULE ...` or `python
+  [options] SCRIPT ...`. `-c`, stdin, or anything unrecognised: False.
+  """
+  args = sys.orig_argv[1:]
+  for i, arg in enumerate(args):
+    if arg == "-m":
+      name = args[i + 1] if i + 1 < len(args) else ""
+      spec = importlib.util.find_spec(name) if name else None
+      return bool(spec and spec.origin and os.path.exists(spec.origin)
+                  and os.path.samefile(spec.origin, program))
+    if arg == "-c" or arg == "-":
+      return False
+    if not arg.startswith("-") and os.path.isfile(arg):
+      return os.path.samefile(arg, program)
+  return False
+
+
+def reexec(program: str) -> None:
   """Starts this command again with huge pages for malloc, when `wanted`.
 
   The same interpreter, options and arguments (`sys.orig_argv`), and the
   same process id, so launchers and job schedulers see nothing change.
   Call it before anything heavy is imported; it returns only when nothing
   is to be done.
+
+  Args:
+    program: the caller's `__file__`. Only when it is the program this
+      process runs (`python -m visionspeak_jax.main`, `python
+      benchmarks/benchmark.py`) does the command start again; run from
+      another program (`runpy`), that program would start over instead.
   """
-  if not wanted():
+  if not _runs(program) or not wanted():
     return
   sys.stdout.flush()
   sys.stderr.flush()
