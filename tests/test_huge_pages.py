@@ -35,6 +35,12 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+def _environment_without_tunables():
+  """This process's environment, as if the tunable had never been set."""
+  return {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+
+
 def _run(tmp_path, env):
   script = tmp_path / "alloc.py"
   script.write_text(_SCRIPT)
@@ -69,8 +75,7 @@ def test_environment_keeps_other_tunables():
 
 
 def test_reexec_keeps_the_command_and_gives_huge_pages(tmp_path):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  env = _environment_without_tunables()
   lines, out = _run(tmp_path, env)
   assert out["argv"] == ["--flag=1", "two words"]
   if not huge_pages.wanted(env):
@@ -92,8 +97,7 @@ def test_reexec_keeps_the_command_and_gives_huge_pages(tmp_path):
 def test_only_the_program_itself_starts_again(tmp_path):
   # Run through runpy from another program, the module must not restart
   # that program.
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  env = _environment_without_tunables()
   (tmp_path / "alloc.py").write_text(_SCRIPT)
   outer = tmp_path / "outer.py"
   outer.write_text(textwrap.dedent(f"""
@@ -111,8 +115,7 @@ def test_only_the_program_itself_starts_again(tmp_path):
 
 
 def test_a_module_run_with_dash_m_starts_again(tmp_path):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("GLIBC_TUNABLES", "VISIONSPEAK_HUGE_PAGES")}
+  env = _environment_without_tunables()
   package = tmp_path / "some_package"
   package.mkdir()
   (package / "__init__.py").write_text("")

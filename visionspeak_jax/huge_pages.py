@@ -53,13 +53,15 @@ def _thp_mode(path: str = _THP) -> str | None:
   return text[start + 1:end] if 0 <= start < end else None
 
 
+def _tunable_set(env: Mapping[str, str]) -> bool:
+  return "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", "")
+
+
 def wanted(environ: Mapping[str, str] | None = None,
            thp_mode: str | None = None) -> bool:
   """Whether starting again with the tunable would give huge pages."""
   env = os.environ if environ is None else environ
-  if sys.platform != "linux" or _MARK in env:
-    return False
-  if "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+  if sys.platform != "linux" or _MARK in env or _tunable_set(env):
     return False
   mode = _thp_mode() if thp_mode is None else thp_mode
   # `always` gives huge pages without the tunable; `never` refuses them.
@@ -76,7 +78,7 @@ def environment(environ: Mapping[str, str]) -> dict[str, str]:
 def describe(environ: Mapping[str, str] | None = None) -> str:
   """One phrase for logs and benchmark headers: which pages malloc gets."""
   env = os.environ if environ is None else environ
-  if "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+  if _tunable_set(env):
     return f"malloc huge pages (GLIBC_TUNABLES={env['GLIBC_TUNABLES']})"
   mode = _thp_mode()
   if mode == "always":
