@@ -48,7 +48,7 @@ _CHOICES = {
     "decode_dtype": tuple(model.DTYPES),
     "model.gate": decoder.GATES,
     "model.attention": attention.KINDS,
-    "hard_attention.decoding": ("argmax", "expected"),
+    "hard_attention.decoding": model.HARD_DECODINGS,
     "model.resnet_size": tuple(resnet.SIZES),
     "model.resnet_stem": resnet.STEMS,
     "distributed": distributed.MODES,

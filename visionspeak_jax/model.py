@@ -51,6 +51,11 @@ def attention_kind(config: ml_collections.ConfigDict) -> str:
   return config.model.get("attention", "soft")
 
 
+# `config.hard_attention.decoding`: the most likely region, or the expected
+# context.
+HARD_DECODINGS = ("argmax", "expected")
+
+
 def decoding_attention(config: ml_collections.ConfigDict) -> str:
   """How decoding reads the regions: "soft" (alpha-weighted) or "hard".
 
@@ -60,8 +65,9 @@ def decoding_attention(config: ml_collections.ConfigDict) -> str:
   """
   if attention_kind(config) == "soft":
     return "soft"
-  decoding = config.get("hard_attention", {}).get("decoding", "argmax")
-  return "hard" if decoding == "argmax" else "soft"
+  decoding = config.get("hard_attention", {}).get("decoding",
+                                                  HARD_DECODINGS[0])
+  return "hard" if decoding == HARD_DECODINGS[0] else "soft"
 
 
 def create_encoder(config: ml_collections.ConfigDict,
