@@ -34,7 +34,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 # `python benchmarks/benchmark.py` from a checkout: the package sits one
 # level up. Appended, so an installed package or PYTHONPATH comes first.
@@ -395,6 +395,122 @@ def time_recurrence(params: Params, features: jax.Array, length: int,
   # pylint: enable=protected-access
 
 
+class Matmul(NamedTuple):
+  """One matmul of the decoder's training step, for `time_matmul`.
+
+  `einsum(spec, lhs, rhs)`; with `steps`, the lhs gets a leading [steps]
+  axis and a `lax.scan` runs one product per step on the same rhs, as the
+  recurrence does.
+  """
+  name: str
+  spec: str
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  steps: int = 0
+
+
+def _einsum_sizes(m: Matmul) -> dict[str, int]:
+  operands = m.spec.split("->")[0].split(",")
+  return {**dict(zip(operands[0], m.lhs)), **dict(zip(operands[1], m.rhs))}
+
+
+def matmul_flops(m: Matmul) -> float:
+  """2 x the product of every index size (x steps): multiply-adds x 2."""
+  return 2.0 * float(np.prod(list(_einsum_sizes(m).values()))) * max(
+      m.steps, 1)
+
+
+def step_matmuls(*, batch: int, length: int, regions: int, feature_dim: int,
+                 vocab_size: int, embed_dim: int, hidden_dim: int,
+                 attention_dim: int, gate: str, deep_output: bool
+                 ) -> list[Matmul]:
+  """Every matmul the decoder's training step runs, forward and backward.
+
+  As `teacher_forced` and `make_train_step` arrange them: the work on all
+  B x T rows at once, the recurrence's four products per step on M = B rows
+  (a scan) and its two weight gradients after it. The features are an
+  input of this step, so their gradients are not computed; the attention
+  scores ([B,R,A]@[A], elementwise-sized) are left out.
+  """
+  b, t, r, c, v = batch, length, regions, feature_dim, vocab_size
+  e, h, a = embed_dim, hidden_dim, attention_dim
+  n = b * t
+  g = {"vector": c, "scalar": 1}.get(gate, 0)
+  fused = a + g + 4 * h  # The fused matmul on h: query, gate, LSTM rows.
+
+  def dense(name, m, k, out):  # x [m, k] @ w [k, out]: forward, dx, dw.
+    return [Matmul(name, "mk,kn->mn", (m, k), (k, out)),
+            Matmul(name + " dx", "mn,kn->mk", (m, out), (k, out)),
+            Matmul(name + " dw", "mk,mn->kn", (m, k), (m, out))]
+
+  items = dense("LSTM embedding rows", n, e, 4 * h)
+  # The features have no gradient here: forward and weight gradient only.
+  items += [Matmul("project_features", "mk,kn->mn", (b * r, c), (c, a)),
+            Matmul("project_features dw", "mk,mn->kn", (b * r, c), (b * r, a))]
+  for name in ("init_h", "init_c"):
+    items += [Matmul(name, "mk,kn->mn", (b, c), (c, h)),
+              Matmul(name + " dw", "mk,mn->kn", (b, c), (b, h))]
+  if deep_output:
+    items += (dense("deep l_h", n, h, e) + dense("deep l_z", n, c, e)
+              + dense("output", n, e, v))
+  else:
+    items += dense("output", n, h, v)
+  items += [
+      # The recurrence: one product per step on the step's B rows.
+      Matmul("scan: h @ w_h", "mk,kn->mn", (b, h), (h, fused), t),
+      Matmul("scan: context @ w_ctx", "mk,kn->mn", (b, c), (c, 4 * h), t),
+      Matmul("scan: d @ w_h^T", "mn,kn->mk", (b, fused), (h, fused), t),
+      Matmul("scan: d @ w_ctx^T", "mn,kn->mk", (b, 4 * h), (c, 4 * h), t),
+      Matmul("scan: context", "br,brc->bc", (b, r), (b, r, c), t),
+      Matmul("scan: d alpha", "bc,brc->br", (b, c), (b, r, c), t),
+      # Its weight gradients, one matmul over all steps each.
+      Matmul("w_h dw", "mk,mn->kn", (n, h), (n, fused)),
+      Matmul("w_ctx dw", "mk,mn->kn", (n, c), (n, 4 * h)),
+  ]
+  return items
+
+
+def time_matmul(m: Matmul, repeats: int) -> float:
+  """Median seconds of `m` alone, jitted, on random float32 inputs."""
+  k_lhs, k_rhs = jax.random.split(jax.random.key(0))
+  lhs = jax.random.normal(k_lhs, ((m.steps,) if m.steps else ()) + m.lhs)
+  rhs = jax.random.normal(k_rhs, m.rhs)
+  if m.steps:  # One product per step, its outputs stacked, as in a scan.
+    fn = jax.jit(lambda xs, y: jax.lax.scan(
+        lambda _, x: (None, jnp.einsum(m.spec, x, y)), None, xs)[1])
+  else:
+    fn = jax.jit(functools.partial(jnp.einsum, m.spec))
+  jax.block_until_ready(fn(lhs, rhs))  # Compile and warm up.
+  return _seconds(lambda: fn(lhs, rhs), repeats)[0]
+
+
+def time_adam(optimizer: optax.GradientTransformation, params: Params,
+              repeats: int) -> float:
+  """Median seconds of one optimizer update and its application, alone.
+
+  Parameters and optimizer state are donated and returned in the order they
+  come in, as in the training step: JAX pairs donated buffers with outputs
+  of the same shape in order, and a mismatch would add a copy of each.
+  """
+
+  def update(params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  update = jax.jit(update, donate_argnums=(0, 1))
+  params = jax.tree.map(jnp.copy, params)  # The caller keeps its own.
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+  opt_state = optimizer.init(params)
+
+  def run():
+    nonlocal params, opt_state
+    params, opt_state = update(params, opt_state, grads)
+    return params
+
+  jax.block_until_ready(run())  # Compile and warm up.
+  return _seconds(run, repeats)[0]
+
+
 def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   """`model.beam_caption` on features, returning the final BeamState.
 
@@ -553,6 +669,26 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
       f"step - recurrence: {(analytic - rec_flops) / 1e9:.1f} GFLOP at "
       f"{(analytic - rec_flops) / rest_s / 1e9:.0f} GFLOP/s, "
       f"{(analytic - rec_flops) / rest_s / 1e9 / peak:.0%} of peak")
+  # The ceiling: every matmul of the step timed alone, and Adam alone.
+  matmuls = step_matmuls(**sizes)
+  times = [time_matmul(m, repeats) for m in matmuls]
+  matmul_s = sum(times)
+  flops = sum(matmul_flops(m) for m in matmuls)
+  # The one that loses the most time against the peak.
+  worst, worst_s = max(zip(matmuls, times),
+                       key=lambda mt: mt[1] - matmul_flops(mt[0]) / peak / 1e9)
+  row("its matmuls alone, summed (ms)", f"{matmul_s * 1e3:.0f}",
+      f"{len(matmuls)} matmuls, {flops / 1e9:.1f} GFLOP at "
+      f"{flops / matmul_s / 1e9:.0f} GFLOP/s; furthest from the peak: "
+      f"{worst.name}, {worst_s * 1e3:.1f} ms at "
+      f"{matmul_flops(worst) / worst_s / 1e9:.0f} GFLOP/s")
+  adam_s = time_adam(optimizer, params, repeats)
+  size = sum(x.size for x in jax.tree.leaves(params))
+  row("the Adam update alone (ms)", f"{adam_s * 1e3:.1f}",
+      f"{size / 1e6:.1f} M parameters, memory-bound")
+  row("ceiling: share of peak", f"{analytic / (matmul_s + adam_s) / 1e9 / peak:.0%}",
+      "the analytic FLOPs in the time of those matmuls and Adam: the step "
+      "if nothing else took time")
   if bf16_peak:
     # Mixed precision, as `config.dtype="bfloat16"` trains: the same FLOPs,
     # against the bfloat16 peak.

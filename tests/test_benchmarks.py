@@ -1,15 +1,20 @@
-"""Tests of benchmarks/benchmark.py: no TensorFlow, the COCO step rows and
-the decoder step rows.
+"""Tests of benchmarks/benchmark.py: no TensorFlow, the COCO step rows, the
+decoder step rows and the list of the step's matmuls.
 
-Both run the benchmark in a subprocess, as a script is run: its absl flags
-are parsed there, and the imports it makes are its own. The subprocess
-inherits conftest.py's two fake CPU devices.
+The row tests run the benchmark in a subprocess, as a script is run: its
+absl flags are parsed there, and the imports it makes are its own. The
+subprocess inherits conftest.py's two fake CPU devices.
 """
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+
+import jax
+import optax
+import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCHMARK = os.path.join(_ROOT, "benchmarks", "benchmark.py")
@@ -68,6 +73,69 @@ def test_decoder_step_rows():
   assert re.search(r"minor page faults per step +[0-9]+ ", out), out
   for name in ("of which the recurrence", "the rest of the step"):
     assert re.search(rf"{name} \(ms\) +-?[0-9]+ .* GFLOP at", out), out
+  assert re.search(r"its matmuls alone, summed \(ms\) +[0-9]+ +26 matmuls, "
+                   r".* furthest from the peak: .* GFLOP/s", out), out
+  assert re.search(r"the Adam update alone \(ms\) +[0-9.]+ .* M parameters",
+                   out), out
+  assert re.search(r"ceiling: share of peak +[0-9]+% ", out), out
   assert re.search(r"train steps/s, bfloat16 +[0-9.]+ .*x float32", out), out
   assert re.search(r"train GFLOP/s, bfloat16 +[0-9.]+ .* of bf16 matmul "
                    r"peak", out), out
+
+
+@pytest.fixture(name="benchmark", scope="module")
+def _benchmark():
+  """benchmarks/benchmark.py as a module (its flags are defined, unparsed)."""
+  spec = importlib.util.spec_from_file_location("benchmark", _BENCHMARK)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_SIZES = dict(batch=4, length=3, regions=5, feature_dim=12, vocab_size=40,
+              embed_dim=6, hidden_dim=8, attention_dim=7)
+
+
+@pytest.mark.parametrize("gate,deep_output", [
+    ("vector", True), ("scalar", False), ("none", True)])
+def test_step_matmuls_are_the_steps_dot_generals(benchmark, gate,
+                                                 deep_output):
+  # The ceiling row times `step_matmuls` one by one: the list must be the
+  # matmuls the step runs, no more and no fewer. The step's traced
+  # dot_generals hold them, plus what the list leaves out on purpose: the
+  # attention scores' products ([B,R,A]@[A], elementwise-sized: forward, its
+  # recomputation in the backward scan, two gradients), and the context's
+  # recomputation there and its features gradient, which XLA drops (the
+  # features are an input of this step).
+  sizes = dict(_SIZES, gate=gate, deep_output=deep_output)
+  decoder = benchmark.decoder
+  params = decoder.init(
+      jax.random.key(0), vocab_size=sizes["vocab_size"],
+      feature_dim=sizes["feature_dim"], embed_dim=sizes["embed_dim"],
+      hidden_dim=sizes["hidden_dim"], attention_dim=sizes["attention_dim"],
+      gate=gate, deep_output=deep_output)
+  optimizer = optax.adam(1e-4)
+  b, t, r = sizes["batch"], sizes["length"], sizes["regions"]
+  features = jax.numpy.ones((b, r, sizes["feature_dim"]))
+  tokens = benchmark.random_tokens(benchmark.np.random.RandomState(0), b, t,
+                                   sizes["vocab_size"])
+  step = benchmark.make_train_step(optimizer, 0.5, 1.0)
+  traced = benchmark.jaxpr_matmul_flops(jax.make_jaxpr(step)(
+      params, optimizer.init(params), features, tokens,
+      jax.random.key(1)).jaxpr)
+  listed = sum(benchmark.matmul_flops(m)
+               for m in benchmark.step_matmuls(length=t, **{
+                   k: v for k, v in sizes.items() if k != "length"}))
+  scores = t * 2 * b * r * sizes["attention_dim"]
+  context = t * 2 * b * r * sizes["feature_dim"]
+  assert listed + 4 * scores + 2 * context == traced
+
+
+def test_matmul_flops_counts_every_index(benchmark):
+  matmul = benchmark.Matmul
+  assert benchmark.matmul_flops(matmul("x", "mk,kn->mn", (2, 3), (3, 5))) == 60
+  # A transposed weight: [2, 5] @ [3, 5]^T -> [2, 3].
+  assert benchmark.matmul_flops(matmul("x", "mn,kn->mk", (2, 5), (3, 5))) == 60
+  # Per step of a scan, times the steps; batched products count the batch.
+  assert benchmark.matmul_flops(
+      matmul("x", "br,brc->bc", (2, 3), (2, 3, 4), 7)) == 2 * 24 * 7
