@@ -204,3 +204,20 @@ def test_tiny_builder(tmp_path):
                              [o["bbox"] for o in fresh["objects"]], atol=1e-6)
   assert [shapes.SHAPES[i] for i in stored["objects"]["shape"]] == [
       o["shape"] for o in fresh["objects"]]
+
+
+def test_threaded_generation_yields_every_example_in_order(monkeypatch):
+  # Threads draw and encode the examples; TFDS must still get each index
+  # once, in order, with the example that index alone determines. Chunks of
+  # 4 make 10 examples cross two chunk boundaries.
+  monkeypatch.setattr(shapes, "_GENERATE_CHUNK", 4)
+  builder = shapes.ShapesCaptions(config="tiny")
+  # pylint: disable=protected-access
+  yielded = list(builder._generate_examples("validation", 10))
+  assert [index for index, _ in yielded] == list(range(10))
+  for index, example in yielded:
+    alone = shapes._tfds_example("validation", index)
+    assert example["image"] == alone["image"]
+    assert example["image/id"] == alone["image/id"]
+    assert example["captions"] == alone["captions"]
+  # pylint: enable=protected-access
