@@ -103,10 +103,9 @@ def test_step_matmuls_are_the_steps_dot_generals(benchmark, gate,
   # The ceiling row times `step_matmuls` one by one: the list must be the
   # matmuls the step runs, no more and no fewer. The step's traced
   # dot_generals hold them, plus what the list leaves out on purpose: the
-  # attention scores' products ([B,R,A]@[A], elementwise-sized: forward, its
-  # recomputation in the backward scan, two gradients), and the context's
-  # recomputation there and its features gradient, which XLA drops (the
-  # features are an input of this step).
+  # attention scores' products ([B,R,A]@[A], elementwise-sized: forward and
+  # v's gradient), and the features' gradient (one batched matmul after the
+  # backward scan), which XLA drops: the features are an input here.
   sizes = dict(_SIZES, gate=gate, deep_output=deep_output)
   decoder = benchmark.decoder
   params = decoder.init(
@@ -128,7 +127,7 @@ def test_step_matmuls_are_the_steps_dot_generals(benchmark, gate,
                    k: v for k, v in sizes.items() if k != "length"}))
   scores = t * 2 * b * r * sizes["attention_dim"]
   context = t * 2 * b * r * sizes["feature_dim"]
-  assert listed + 4 * scores + 2 * context == traced
+  assert listed + 2 * scores + context == traced
 
 
 def test_matmul_flops_counts_every_index(benchmark):

@@ -218,14 +218,15 @@ def decode_step(weights: DecodingWeights, features: jax.Array,
     regions = attention.Regions(
         gumbel=jnp.zeros((h.shape[0], features.shape[1])),
         hard=jnp.ones((h.shape[0],)))
-  context, alpha, region = _attend_and_gate(
+  context, _, alpha, region = _attend_and_gate(
       attention_dim, gate_dim, weights.small, features, features_proj,
       h_proj, regions)
   if weights.hard:
     alpha = jax.nn.one_hot(region, features.shape[1], dtype=alpha.dtype)
-  carry = _cell_update(attention_dim, gate_dim, h_proj,
-                       weights.word_gates[prev_tokens],  # [B*K, 4H]
-                       decoder.matmul(context, weights.w_ctx), c)
+  carry = lstm.apply_gates(_lstm_input(
+      attention_dim, gate_dim, h_proj,
+      weights.word_gates[prev_tokens],  # [B*K, 4H]
+      decoder.matmul(context, weights.w_ctx)), c)
   emb = weights.embed[prev_tokens]  # [B*K] -> [B*K, E]
   return (decoder.output_logits(weights.output, emb, carry[0], context),
           carry, alpha)
@@ -237,30 +238,36 @@ def _dims(small: Params) -> tuple[int, int]:
           small["gate_b"].shape[0] if "gate_b" in small else 0)
 
 
+def _gate(attention_dim: int, gate_dim: int, small: Params,
+          h_proj: jax.Array) -> jax.Array:
+  """The context gate sigmoid(h @ w_gate + b) [B, G] from the fused rows."""
+  return jax.nn.sigmoid(h_proj[:, attention_dim:attention_dim + gate_dim]
+                        + small["gate_b"])
+
+
 def _attend_and_gate(attention_dim: int, gate_dim: int, small: Params,
                      features: jax.Array, features_proj: jax.Array,
                      h_proj: jax.Array,
                      regions: attention.Regions | None = None
-                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Gated context [B, C], alpha [B, R] and the hard attention's regions.
+                     ) -> tuple[jax.Array, jax.Array, jax.Array,
+                                jax.Array | None]:
+  """(Gated context [B, C], context before the gate, alpha [B, R], regions).
 
   From the fused `h @ w_h` rows; see `attention.attend_query`.
   """
   context, alpha, region = attention.attend_query(
       {"v": small["v"]}, features, features_proj, h_proj[:, :attention_dim],
       regions)
+  gated = context
   if gate_dim:
-    gate = h_proj[:, attention_dim:attention_dim + gate_dim]
-    context = context * jax.nn.sigmoid(gate + small["gate_b"])
-  return context, alpha, region
+    gated = context * _gate(attention_dim, gate_dim, small, h_proj)
+  return gated, context, alpha, region
 
 
-def _cell_update(attention_dim: int, gate_dim: int, h_proj: jax.Array,
-                 z_emb_t: jax.Array, z_ctx: jax.Array,
-                 c: jax.Array) -> lstm.Carry:
-  """LSTM update from the three parts of its pre-activation."""
-  z = z_emb_t + z_ctx + h_proj[:, attention_dim + gate_dim:]  # [B, 4H]
-  return lstm.apply_gates(z, c)
+def _lstm_input(attention_dim: int, gate_dim: int, h_proj: jax.Array,
+                z_emb_t: jax.Array, z_ctx: jax.Array) -> jax.Array:
+  """The LSTM pre-activation [B, 4H] from its three parts."""
+  return z_emb_t + z_ctx + h_proj[:, attention_dim + gate_dim:]
 
 
 def _step_regions(regions: attention.Regions | None, gumbel_t: jax.Array
@@ -272,26 +279,29 @@ def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, small, features,
                     features_proj, z_emb, carry, regions):
   """The scan of `_recurrence`, also returning what its backward pass needs.
 
-  The step inputs (h, c) and the two per-step matmul results are kept, so
-  the backward pass recomputes only elementwise work.
+  The step inputs (h, c), the fused matmul's output, the LSTM
+  pre-activation and (with a gate) the context before the gate are kept,
+  so the backward pass recomputes only the attention's tanh.
   """
 
   def body(carry, xs):
     z_emb_t, gumbel_t = xs
     h, c = carry
     h_proj = decoder.matmul(h, w_h)  # [B, H] -> [B, A (+ C | 1) + 4H]
-    context, alpha, region = _attend_and_gate(
+    context, raw, alpha, region = _attend_and_gate(
         attention_dim, gate_dim, small, features, features_proj, h_proj,
         _step_regions(regions, gumbel_t))
-    z_ctx = decoder.matmul(context, w_ctx)  # [B, C] -> [B, 4H]
-    new = _cell_update(attention_dim, gate_dim, h_proj, z_emb_t, z_ctx, c)
-    return new, (new[0], context, alpha, region, h, c, h_proj, z_ctx)
+    z = _lstm_input(attention_dim, gate_dim, h_proj, z_emb_t,
+                    decoder.matmul(context, w_ctx))  # [B, C] @ [C, 4H]
+    new = lstm.apply_gates(z, c)
+    return new, (new[0], context, alpha, region,
+                 raw if gate_dim else None, h, c, h_proj, z)
 
   gumbel = None if regions is None else regions.gumbel  # [T, B, R]
-  _, (hs, contexts, alphas, chosen, h_in, c_in, h_proj, z_ctx) = (
+  _, (hs, contexts, alphas, chosen, raw, h_in, c_in, h_proj, z) = (
       jax.lax.scan(body, carry, (z_emb, gumbel)))
-  residuals = (w_h, w_ctx, small, features, features_proj, z_emb, contexts,
-               h_in, c_in, h_proj, z_ctx, regions)
+  residuals = (w_h, w_ctx, small, features, features_proj, contexts, raw,
+               alphas, chosen, h_in, c_in, h_proj, z, regions)
   return (hs, contexts, alphas, chosen), residuals
 
 
@@ -302,12 +312,17 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
   weight gradient at every step. Here the scan only emits the per-step
   cotangents of the two matmul outputs, and each weight gradient is one
   matmul over all B x T rows afterwards, where the CPU runs near its peak.
+  The attention's backward pass is written out too: autodiff would
+  recompute the context (one more pass over the [B, R, C] features per
+  step) and add the features' gradient into a [B, R, C] carry at every
+  step; here that gradient is one batched matmul after the scan.
   """
-  (w_h, w_ctx, small, features, features_proj, z_emb, contexts, h_in, c_in,
-   h_proj, z_ctx, regions) = residuals
+  (w_h, w_ctx, small, features, features_proj, contexts, raw, alphas,
+   chosen, h_in, c_in, h_proj, z, regions) = residuals
   # The chosen regions are integers: no cotangent to carry.
   ct_hs, ct_contexts, ct_alphas, _ = cotangents
-  gumbel = None if regions is None else regions.gumbel
+  a, g = attention_dim, gate_dim
+  v = small["v"]
   # Each step multiplies by both weights transposed. XLA's CPU kernels run
   # `x @ w.T` well below `x @ w` on these M = B rows (at the COCO sizes,
   # [32, 2048] @ [2048, 2048].T at 250-270 GFLOP/s against 330-400), so
@@ -316,44 +331,66 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
   # the second from folding them back into the loop's matmuls.
   w_h_t, w_ctx_t = jax.lax.optimization_barrier(
       tuple(w.T for w in jax.lax.optimization_barrier((w_h, w_ctx))))
+  # What each step's features were mixed with: alpha, or for hard
+  # attention the chosen region's one-hot where `hard` is 1 (it passes no
+  # gradient to alpha: the REINFORCE term teaches where to look).
+  keep = None if regions is None else 1.0 - regions.hard[:, None]  # [B, 1]
+  weights = alphas if regions is None else (
+      (1.0 - keep) * jax.nn.one_hot(chosen, alphas.shape[-1],
+                                    dtype=alphas.dtype) + keep * alphas)
 
   def body(acc, xs):
-    dh, dc, d_small, d_features, d_proj = acc
-    (h_proj_t, z_emb_t, z_ctx_t, c_t, ct_h, ct_context, ct_alpha,
-     gumbel_t) = xs
-    _, cell_vjp = jax.vjp(
-        lambda hp, ze, zc, c: _cell_update(attention_dim, gate_dim, hp, ze,
-                                           zc, c),
-        h_proj_t, z_emb_t, z_ctx_t, c_t)
-    d_hp_cell, d_z_emb, d_z_ctx, dc = cell_vjp((dh + ct_h, dc))
-    _, attend_vjp = jax.vjp(
-        lambda sm, f, fp, hp: _attend_and_gate(
-            attention_dim, gate_dim, sm, f, fp, hp,
-            _step_regions(regions, gumbel_t))[:2],
-        small, features, features_proj, h_proj_t)
-    d_sm, d_f, d_fp, d_hp_att = attend_vjp(
-        (ct_context + decoder.matmul(d_z_ctx, w_ctx_t), ct_alpha))
-    d_h_proj = d_hp_cell + d_hp_att  # [B, A (+ C | 1) + 4H]
-    acc = (decoder.matmul(d_h_proj, w_h_t), dc,
-           jax.tree.map(jnp.add, d_small, d_sm),
-           d_features + d_f, d_proj + d_fp)
-    return acc, (d_h_proj, d_z_emb, d_z_ctx)
+    dh, dc, d_v, d_gate_b, d_proj = acc
+    h_proj_t, z_t, c_t, raw_t, alpha_t, ct_h, ct_context, ct_alpha = xs
+    _, cell_vjp = jax.vjp(lstm.apply_gates, z_t, c_t)
+    d_z, dc = cell_vjp((dh + ct_h, dc))  # Also the z_emb and z_ctx parts'.
+    d_context = ct_context + decoder.matmul(d_z, w_ctx_t)  # [B, C]
+    d_h_proj = [d_z]
+    if g:  # context = raw * sigmoid(gate)
+      gate = _gate(a, g, small, h_proj_t)
+      d_gate = d_context * raw_t * gate * (1.0 - gate)  # [B, C]
+      if g == 1:  # The scalar gate scales every channel.
+        d_gate = d_gate.sum(-1, keepdims=True)
+      d_gate_b = d_gate_b + d_gate.sum(0)
+      d_h_proj.insert(0, d_gate)
+      d_context = d_context * gate
+    # context = sum_r weights_r f_r; alpha = softmax(v . tanh(fp + q)).
+    d_alpha = jnp.einsum("bc,brc->br", d_context, features)
+    if keep is not None:
+      d_alpha = keep * d_alpha
+    d_alpha = d_alpha + ct_alpha
+    d_scores = alpha_t * (d_alpha - (alpha_t * d_alpha).sum(-1,
+                                                            keepdims=True))
+    t = jnp.tanh(features_proj + h_proj_t[:, None, :a])  # [B, R, A]
+    d_v = d_v + jnp.einsum("br,bra->a", d_scores, t)
+    d_pre = d_scores[..., None] * v * (1.0 - t * t)  # [B, R, A]
+    d_h_proj.insert(0, d_pre.sum(1))  # The query's gradient [B, A].
+    d_h_proj = jnp.concatenate(d_h_proj, axis=-1)  # [B, A (+ C | 1) + 4H]
+    acc = (decoder.matmul(d_h_proj, w_h_t), dc, d_v, d_gate_b,
+           d_proj + d_pre)
+    return acc, (d_h_proj, d_z, d_context)
 
   # zeros_like keeps each value's device variance under shard_map/pmap.
-  init = jax.tree.map(jnp.zeros_like,
-                      (c_in[0], c_in[0], small, features, features_proj))
-  (dh, dc, d_small, d_features, d_proj), (d_h_proj, d_z_emb, d_z_ctx) = (
-      jax.lax.scan(body, init, (h_proj, z_emb, z_ctx, c_in, ct_hs,
-                                ct_contexts, ct_alphas, gumbel),
-                   reverse=True))
+  init = jax.tree.map(jnp.zeros_like, (
+      c_in[0], c_in[0], v, small.get("gate_b", jnp.zeros(())),
+      features_proj))
+  (dh, dc, d_v, d_gate_b, d_proj), (d_h_proj, d_z, d_context) = (
+      jax.lax.scan(body, init, (h_proj, z, c_in, raw, alphas, ct_hs,
+                                ct_contexts, ct_alphas), reverse=True))
+  d_small = {"v": d_v}
+  if g:
+    d_small["gate_b"] = d_gate_b
+  # The features' gradient, summed over steps as one batched matmul (XLA
+  # drops it where the features need none).
+  d_features = jnp.einsum("tbr,tbc->brc", weights, d_context)
   # The weight gradients of the two per-step matmuls, summed over all T
   # steps as one matmul each instead of T rank-B updates inside the loop.
   d_w_h = _weight_gradient("tbh,tbk->hk", h_in, d_h_proj, w_h.dtype)
-  d_w_ctx = _weight_gradient("tbc,tbk->ck", contexts, d_z_ctx, w_ctx.dtype)
+  d_w_ctx = _weight_gradient("tbc,tbk->ck", contexts, d_z, w_ctx.dtype)
   # The noise and the hard/soft choice are sampled inputs: no gradient.
   d_regions = jax.tree.map(jnp.zeros_like, regions)
-  return (d_w_h, d_w_ctx, d_small, d_features, d_proj, d_z_emb, (dh, dc),
-          d_regions)
+  return (d_w_h, d_w_ctx, d_small, d_features.astype(features.dtype),
+          d_proj, d_z, (dh, dc), d_regions)
 
 
 def _weight_gradient(spec: str, x: jax.Array, dy: jax.Array, dtype: Any
