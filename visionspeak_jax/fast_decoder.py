@@ -52,8 +52,8 @@ def _split_rows(w: jax.Array, sizes: tuple[int, ...]
 
   The gradient of a slice is a zero-padded copy of the whole matrix; summed
   over the blocks, XLA builds the LSTM weight's gradient ([E + C + H, 4H],
-  25 MB at the COCO sizes) with pads and adds at every step. This VJP
-  concatenates the blocks' gradients instead: one copy, same values.
+  25 MB at the COCO sizes) with pads and adds in every training step. This
+  VJP concatenates the blocks' gradients instead: one copy, same values.
   """
   blocks, start = [], 0
   for size in sizes:
@@ -334,10 +334,12 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
   # What each step's features were mixed with: alpha, or for hard
   # attention the chosen region's one-hot where `hard` is 1 (it passes no
   # gradient to alpha: the REINFORCE term teaches where to look).
-  keep = None if regions is None else 1.0 - regions.hard[:, None]  # [B, 1]
-  weights = alphas if regions is None else (
-      (1.0 - keep) * jax.nn.one_hot(chosen, alphas.shape[-1],
-                                    dtype=alphas.dtype) + keep * alphas)
+  keep = weights = None  # Soft attention: alpha, all of it.
+  if regions is not None:  # As `attention._read_weights` mixes them.
+    hard = regions.hard[:, None]  # [B, 1]
+    keep = 1.0 - hard
+    weights = (hard * jax.nn.one_hot(chosen, alphas.shape[-1],
+                                     dtype=alphas.dtype) + keep * alphas)
 
   def body(acc, xs):
     dh, dc, d_v, d_gate_b, d_proj = acc
@@ -382,7 +384,8 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
     d_small["gate_b"] = d_gate_b
   # The features' gradient, summed over steps as one batched matmul (XLA
   # drops it where the features need none).
-  d_features = jnp.einsum("tbr,tbc->brc", weights, d_context)
+  d_features = jnp.einsum("tbr,tbc->brc",
+                          alphas if weights is None else weights, d_context)
   # The weight gradients of the two per-step matmuls, summed over all T
   # steps as one matmul each instead of T rank-B updates inside the loop.
   d_w_h = _weight_gradient("tbh,tbk->hk", h_in, d_h_proj, w_h.dtype)

@@ -308,6 +308,30 @@ def example_id(split: str, index: int) -> int:
   return _SPLIT_ID_OFFSET[split] + index
 
 
+# Examples drawn ahead of TFDS's writer: bounds the memory they hold.
+_GENERATE_CHUNK = 256
+
+
+def _tfds_example(split: str, index: int) -> dict[str, Any]:
+  """Example `index` of `split` as `ShapesCaptions` stores it."""
+  example = generate_example(example_rng(split, index),
+                             example_id(split, index))
+  # PIL encodes about twice as fast as the TF graph TFDS would run on a
+  # numpy image; PNG is lossless, so the decoded pixels are the same.
+  buffer = io.BytesIO()
+  Image.fromarray(example["image"]).save(buffer, format="png",
+                                         compress_level=1)
+  return {
+      "image": buffer.getvalue(),
+      "image/id": example["image/id"],
+      "captions": [{"text": text} for text in example["captions"]],
+      "objects": [
+          dict(o, bbox=np.asarray(o["bbox"], np.float64))
+          for o in example["objects"]
+      ],
+  }
+
+
 @dataclasses.dataclass
 class ShapesCaptionsConfig(tfds.core.BuilderConfig):
   """Split sizes of a shapes_captions config.
@@ -391,26 +415,3 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
         yield from zip(indices, pool.map(
             functools.partial(_tfds_example, split), indices))
 
-
-# Examples drawn ahead of TFDS's writer: bounds the memory they hold.
-_GENERATE_CHUNK = 256
-
-
-def _tfds_example(split: str, index: int) -> dict[str, Any]:
-  """Example `index` of `split` as `ShapesCaptions` stores it."""
-  example = generate_example(example_rng(split, index),
-                             example_id(split, index))
-  # PIL encodes about twice as fast as the TF graph TFDS would run on a
-  # numpy image; PNG is lossless, so the decoded pixels are the same.
-  buffer = io.BytesIO()
-  Image.fromarray(example["image"]).save(buffer, format="png",
-                                         compress_level=1)
-  return {
-      "image": buffer.getvalue(),
-      "image/id": example["image/id"],
-      "captions": [{"text": text} for text in example["captions"]],
-      "objects": [
-          dict(o, bbox=np.asarray(o["bbox"], np.float64))
-          for o in example["objects"]
-      ],
-  }
