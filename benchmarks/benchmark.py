@@ -428,9 +428,10 @@ def step_matmuls(*, batch: int, length: int, regions: int, feature_dim: int,
 
   As `teacher_forced` and `make_train_step` arrange them: the work on all
   B x T rows at once, the recurrence's four products per step on M = B rows
-  (a scan) and its two weight gradients after it. The features are an
-  input of this step, so their gradients are not computed; the attention
-  scores ([B,R,A]@[A], elementwise-sized) are left out.
+  and the attention's two mixes of the features (scans), and its two
+  weight gradients after it. The features are an input of this step, so
+  their gradients are not computed; the attention scores ([B,R,A]@[A],
+  elementwise-sized) are left out.
   """
   b, t, r, c, v = batch, length, regions, feature_dim, vocab_size
   e, h, a = embed_dim, hidden_dim, attention_dim
@@ -686,7 +687,8 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
   size = sum(x.size for x in jax.tree.leaves(params))
   row("the Adam update alone (ms)", f"{adam_s * 1e3:.1f}",
       f"{size / 1e6:.1f} M parameters, memory-bound")
-  row("ceiling: share of peak", f"{analytic / (matmul_s + adam_s) / 1e9 / peak:.0%}",
+  ceiling = analytic / (matmul_s + adam_s) / 1e9 / peak
+  row("ceiling: share of peak", f"{ceiling:.0%}",
       "the analytic FLOPs in the time of those matmuls and Adam: the step "
       "if nothing else took time")
   if bf16_peak:
