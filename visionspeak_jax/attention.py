@@ -150,6 +150,13 @@ def _read_weights(alpha: jax.Array, scores: jax.Array,
   if regions is None:
     return alpha, None
   region = jnp.argmax(scores + regions.gumbel, axis=-1)  # [...]
+  return (mix_weights(alpha, region, regions.hard[..., None]),
+          region.astype(jnp.int32))
+
+
+def mix_weights(alpha: jax.Array, region: jax.Array, hard: jax.Array
+                ) -> jax.Array:
+  """Hard attention's weights [..., R]: the region's one-hot where `hard`
+  is 1, alpha where it is 0 (`hard` broadcasts against [..., R])."""
   one_hot = jax.nn.one_hot(region, alpha.shape[-1], dtype=alpha.dtype)
-  hard = regions.hard[..., None]
-  return hard * one_hot + (1.0 - hard) * alpha, region.astype(jnp.int32)
+  return hard * one_hot + (1.0 - hard) * alpha

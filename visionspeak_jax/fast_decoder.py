@@ -335,11 +335,10 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
   # attention the chosen region's one-hot where `hard` is 1 (it passes no
   # gradient to alpha: the REINFORCE term teaches where to look).
   keep = weights = None  # Soft attention: alpha, all of it.
-  if regions is not None:  # As `attention._read_weights` mixes them.
+  if regions is not None:
     hard = regions.hard[:, None]  # [B, 1]
     keep = 1.0 - hard
-    weights = (hard * jax.nn.one_hot(chosen, alphas.shape[-1],
-                                     dtype=alphas.dtype) + keep * alphas)
+    weights = attention.mix_weights(alphas, chosen, hard)
 
   def body(acc, xs):
     dh, dc, d_v, d_gate_b, d_proj = acc
