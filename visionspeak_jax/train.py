@@ -193,6 +193,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   logging.info("Data: %s.", source.description)
   vocab, state = _start(config, workdir, source, ckpt)
   logging.info("Vocabulary: %d words.", len(vocab))
+  state = step_lib.place_state(state)  # Else the second step compiles again.
   start_step = int(state.step)
   metrics_log = workdir_lib.MetricsLog(workdir, jax.process_index() == 0)
   metrics_log.resume(start_step)
