@@ -146,6 +146,31 @@ def test_shapes_pipeline_is_deterministic_and_sharded(tiny_data_dir):
   assert all(inputs.shape[0] == 4 for inputs, _ in batches)
 
 
+def test_pipelines_run_without_the_autotuning_thread(tiny_data_dir,
+                                                     monkeypatch):
+  """Every pipeline the training reads: destroying an iterator whose
+  autotuning thread sleeps waits for it to wake (up to a minute)."""
+  config = tiny.get_config()
+  config.data_dir = tiny_data_dir
+  source = input_pipeline.TfdsSource(config)
+  read = []
+  as_numpy = tfds.as_numpy
+
+  def recording_as_numpy(ds):
+    read.append(ds.options().autotune.enabled)
+    return as_numpy(ds)
+
+  monkeypatch.setattr(input_pipeline.tfds, "as_numpy", recording_as_numpy)
+  vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split))
+  assert len(list(source.eval_examples("test", 3))) == 3
+  assert read == [False, False]
+  ds = source.train_dataset(vocab, seed=0)
+  assert ds.options().autotune.enabled is False
+  plain = tf.data.Dataset.range(3).map(lambda x: x,
+                                       num_parallel_calls=tf.data.AUTOTUNE)
+  assert plain.options().autotune.enabled is not False  # What it changes.
+
+
 def test_shard():
   batch = {"x": np.arange(12).reshape(6, 2)}
   out = input_pipeline.shard(batch, 3)

@@ -244,7 +244,8 @@ class FeatureCache:
 
   def references(self, split: str) -> Iterator[list[str]]:
     """Each example's reference captions, in the cache's order."""
-    ds = self._records(split).map(lambda ex: ex["captions"])
+    ds = input_pipeline.without_autotune(
+        self._records(split).map(lambda ex: ex["captions"]))
     for texts in ds.as_numpy_iterator():
       yield [t.decode("utf-8") for t in texts]
 
@@ -291,7 +292,8 @@ class FeatureCache:
     ds = self._records(split)
     if num_examples > 0:
       ds = ds.take(num_examples)
-    for ex in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+    ds = input_pipeline.without_autotune(ds.prefetch(tf.data.AUTOTUNE))
+    for ex in ds.as_numpy_iterator():
       yield input_pipeline.EvalExample(
           image_id=int(ex["image_id"]), inputs=ex["features"],
           references=[c.decode("utf-8") for c in ex["captions"]],

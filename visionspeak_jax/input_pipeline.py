@@ -90,6 +90,23 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, *,
                     "--config.*_split.") from e
 
 
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """`ds` with tf.data's autotuning thread off.
+
+  That thread sleeps between optimisation rounds whose period grows to a
+  minute, and destroying the iterator waits for it to wake: the default
+  run's process took 7-60 s to end after its final line, and a script that
+  reads 1500 training batches, pauses 20 s and deletes the iterator waited
+  12.9 s for it (0.006 s without; `benchmarks/README.md`). These pipelines
+  are far faster than the steps they feed (the shapes run's reads 500
+  batches/s either way), so nothing is lost: `AUTOTUNE` parallelism falls
+  back to tf.data's default, one call per core.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
+
+
 def make_token_table(vocab: vocab_lib.Vocabulary) -> tf.lookup.StaticHashTable:
   """A word -> id table for TensorFlow ops; unknown words map to UNK."""
   init = tf.lookup.KeyValueTensorInitializer(
@@ -195,7 +212,7 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
   ds = ds.enumerate().skip(skip_batches * local_batch)
   ds = ds.map(pick_caption, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
 @dataclasses.dataclass
@@ -235,7 +252,7 @@ class TfdsSource:
   def references(self, split: str) -> Iterator[list[str]]:
     """Each example's reference captions, in the split's order."""
     ds = _read_split(self.builder, split, skip_images=True)
-    ds = ds.map(lambda ex: ex["captions"]["text"])
+    ds = without_autotune(ds.map(lambda ex: ex["captions"]["text"]))
     return ([c.decode("utf-8") for c in texts] for texts in tfds.as_numpy(ds))
 
   def captions(self, split: str) -> Iterator[str]:
@@ -305,7 +322,7 @@ class TfdsSource:
       return out
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    for ex in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
+    for ex in tfds.as_numpy(without_autotune(ds.prefetch(tf.data.AUTOTUNE))):
       objects = []
       if has_objects:
         o = ex["objects"]
