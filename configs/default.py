@@ -136,6 +136,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
   config.metrics_use_java = ml_collections.config_dict.placeholder(bool)
 
+  # JAX devices a CPU-only machine is split into, each with its share of
+  # the batch (data parallel: the same global batch, gradients and
+  # BatchNorm statistics, `step.train_step`). Small steps keep two cores
+  # busier this way than one device's threads do. 0 = one per core this
+  # process may use (the most that divide batch_size and eval_batch_size);
+  # 1 = one device. XLA_FLAGS' --xla_force_host_platform_device_count, when
+  # set, wins. No effect on GPU or TPU devices.
+  config.cpu_devices = 0
+
   # Multi-host (see visionspeak_jax/distributed.py and launch/).
   config.distributed = "auto"  # "auto" (SLURM/TPU pod detect), "yes", "no".
   config.coordinator_address = ""  # host:port of process 0, explicit clusters.

@@ -28,6 +28,7 @@ _BAD_VALUES = [
     ("max_decode_length", 0, "config.max_decode_length must be"),
     ("model.hidden_dim", -3, "config.model.hidden_dim must be"),
     ("learning_rate", -1e-3, "config.learning_rate must be a number >= 0"),
+    ("cpu_devices", -1, "config.cpu_devices must be a number >= 0"),
     ("lr_mults.encoder", -1.0, "config.lr_mults.encoder must be >= 0"),
     ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0, 1)"),
     ("model.attention", "firm", "config.model.attention must be one of soft, "
@@ -113,6 +114,9 @@ def test_resume_with_another_model_names_the_fields():
      "error: Cannot load the --config file ([Errno 2] No such file"),
     (["--config=configs/tiny.py", "--config.batch_size=0"],
      "error: config.batch_size must be a whole number >= 1, got 0"),
+    (["--config=configs/tiny.py", "--config.cpu_devices=-2"],
+     "error: config.cpu_devices must be a whole number >= 0 (0: one device "
+     "per core), got -2"),
 ])
 def test_main_prints_one_line_and_exits_non_zero(args, says, tmp_path):
   proc = subprocess.run(

@@ -35,8 +35,8 @@ _AT_LEAST_ONE = (
     "prefetch_batches", "model.embed_dim", "model.attention_dim",
     "model.hidden_dim", "model.resnet_width", "scst.num_references")
 # Fields that must be >= 0.
-_NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
-                 "grad_clip_norm", "alpha_c", "length_penalty",
+_NON_NEGATIVE = ("cpu_devices", "learning_rate", "warmup_steps",
+                 "weight_decay", "grad_clip_norm", "alpha_c", "length_penalty",
                  "hard_attention.reinforce_weight",
                  "hard_attention.entropy_weight")
 # Fields with a fixed set of values.

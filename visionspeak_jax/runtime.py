@@ -1,6 +1,7 @@
 """Process start-up shared by the command-line entry points."""
 
 import logging as pylogging
+import os
 import sys
 from typing import Any, Callable
 
@@ -25,19 +26,66 @@ class _QuietLibraries(pylogging.Filter):
             not any(part in record.pathname for part in _QUIET_INFO))
 
 
-def start(config: ml_collections.ConfigDict) -> None:
-  """Quiets library logs, keeps TensorFlow off accelerators, joins the cluster.
+def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
+  """The JAX devices to split a CPU of `cores` cores into for `config`.
+
+  `config.cpu_devices`, or for 0 the most devices, at most one per core,
+  that divide both `batch_size` and `eval_batch_size`.
 
   Raises:
-    errors.ConfigError: the config's cluster settings are wrong.
+    errors.ConfigError: `cpu_devices` is negative or not a whole number.
+  """
+  wanted = config.cpu_devices
+  if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
+    raise errors.ConfigError(
+        f"config.cpu_devices must be a whole number >= 0 (0: one device per "
+        f"core), got {wanted!r}: fix --config.cpu_devices.")
+  if wanted:
+    return wanted
+  return next(n for n in range(max(cores, 1), 0, -1)
+              if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
+
+
+def split_cpu(config: ml_collections.ConfigDict,
+              environ: dict[str, str] | None = None) -> int | None:
+  """Splits the CPU into `cpu_device_count` JAX devices; before JAX starts.
+
+  Measured on the default shapes run (2-core Intel Xeon): 78 ms a step on
+  one device, 57-60 ms on two (`README.md`). An explicit split in
+  `XLA_FLAGS` or `jax_num_cpu_devices` is left as it is.
+
+  Returns:
+    The device count asked for, or None where the split was already set.
+
+  Raises:
+    errors.ConfigError: a wrong `config.cpu_devices`.
+  """
+  environ = os.environ if environ is None else environ
+  count = cpu_device_count(config, len(os.sched_getaffinity(0)))
+  if ("xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", "")
+      or jax.config.jax_num_cpu_devices != -1):
+    return None
+  jax.config.update("jax_num_cpu_devices", count)
+  return count
+
+
+def start(config: ml_collections.ConfigDict) -> None:
+  """Quiets library logs, keeps TensorFlow off accelerators, splits the CPU
+  into devices (`split_cpu`), joins the cluster.
+
+  Raises:
+    errors.ConfigError: the config's CPU or cluster settings are wrong.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # TensorFlow only feeds data; keep it off the accelerators JAX uses.
   tf.config.experimental.set_visible_devices([], "GPU")
+  split = split_cpu(config)
   distributed.initialize(config)
-  logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
-               jax.process_count(), jax.local_devices())
+  logging.info("JAX process %d/%d, local devices: %s%s", jax.process_index(),
+               jax.process_count(), jax.local_devices(),
+               "" if split is None or jax.default_backend() != "cpu" else
+               f" (the CPU split into {split}: --config.cpu_devices)")
   logging.info("Host memory: %s", huge_pages.describe())
 
 
