@@ -97,10 +97,10 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
   minute, and destroying the iterator waits for it to wake: the default
   run's process took 7-60 s to end after its final line, and a script that
   reads 1500 training batches, pauses 20 s and deletes the iterator waited
-  12.9 s for it (0.006 s without; `benchmarks/README.md`). These pipelines
-  are far faster than the steps they feed (the shapes run's reads 500
-  batches/s either way), so nothing is lost: `AUTOTUNE` parallelism falls
-  back to tf.data's default, one call per core.
+  12.9 s for it (0.006 s without; README.md, "Measured results"). These
+  pipelines are far faster than the steps they feed (the shapes run's
+  reads 500 batches/s either way), so nothing is lost: `AUTOTUNE`
+  parallelism falls back to tf.data's default, one call per core.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
