@@ -41,7 +41,7 @@ def get_config():
   # Evaluate once, at the end (the validation and test splits, 10 s each):
   # the training log every 100 steps shows the progress.
   config.eval_every_steps = 3_800
-  config.checkpoint_every_steps = 500
+  config.checkpoint_every_steps = 1_000  # About once a minute.
   config.shuffle_buffer_size = 10_000  # The whole split: a full shuffle.
   config.cache_train_images = True  # 10k x 64x64x3 = 123 MB.
   return config

@@ -171,6 +171,18 @@ def test_pipelines_run_without_the_autotuning_thread(tiny_data_dir,
   assert plain.options().autotune.enabled is not False  # What it changes.
 
 
+def test_encode_captions_agrees_with_the_vocabulary():
+  vocab = vocab_lib.Vocabulary.build(["a red circle", "two blue squares"])
+  texts = ["A red circle.", "", "two  blue, squares left of a red circle",
+           "an unknown word"]
+  table = input_pipeline.make_token_table(vocab)
+  got = input_pipeline.encode_captions(tf.constant(texts), table, 4).numpy()
+  assert got.shape == (4, 6) and got.dtype == np.int32
+  for row, text in zip(got, texts):
+    ids = [vocab_lib.BOS_ID] + vocab.encode(text)[:4] + [vocab_lib.EOS_ID]
+    assert row.tolist() == ids + [vocab_lib.PAD_ID] * (6 - len(ids)), text
+
+
 def test_shard():
   batch = {"x": np.arange(12).reshape(6, 2)}
   out = input_pipeline.shard(batch, 3)

@@ -25,7 +25,8 @@ def tokenize(text: str) -> list[str]:
 
 
 def tf_tokenize(text):
-  """`tokenize` in TensorFlow ops: scalar string -> 1-D string tensor."""
+  """`tokenize` in TensorFlow ops: a string -> its words (1-D); [N]
+  strings -> [N, None] words (ragged)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   text = tf.strings.regex_replace(tf.strings.lower(text), _NON_WORD, " ")
   return tf.strings.split(tf.strings.strip(text))
