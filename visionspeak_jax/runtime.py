@@ -84,8 +84,8 @@ def start(config: ml_collections.ConfigDict) -> None:
   distributed.initialize(config)
   logging.info("JAX process %d/%d, local devices: %s%s", jax.process_index(),
                jax.process_count(), jax.local_devices(),
-               "" if split is None or jax.default_backend() != "cpu" else
-               f" (the CPU split into {split}: --config.cpu_devices)")
+               f" (the CPU split into {split}: --config.cpu_devices)"
+               if (split or 0) > 1 and jax.default_backend() == "cpu" else "")
   logging.info("Host memory: %s", huge_pages.describe())
 
 
