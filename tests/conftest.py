@@ -18,3 +18,19 @@ def tiny_data_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds.builder("shapes_captions/tiny", data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+@pytest.fixture
+def compile_events():
+  """A list that gains an entry at each XLA compilation during the test."""
+  import jax  # pylint: disable=g-import-not-at-top
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(listener)

@@ -65,7 +65,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     ckpt.restore_metadata()
 
 
-def test_the_second_step_does_not_compile_again():
+def test_the_second_step_does_not_compile_again(compile_events):
   # A new state sits uncommitted on one device, the step returns it
   # replicated over its devices: unplaced, the second call compiled the
   # whole step again. Each round has its own step function (and cache).
@@ -73,28 +73,17 @@ def test_the_second_step_does_not_compile_again():
   vocab_size = 20
   batch = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]),
                        fake_batch(config, vocab_size, config.batch_size))
-  compiles = []
-
-  def listener(name, seconds, **kwargs):
-    del seconds, kwargs
-    if name == "/jax/core/compile/backend_compile_duration":
-      compiles.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    second_call = {}
-    for place in (False, True):
-      p_train_step, _ = step_lib.compile_steps(config)
-      state = state_lib.create_train_state(jax.random.key(0), config,
-                                           vocab_size)
-      if place:
-        state = step_lib.place_state(state)
-      state, _ = p_train_step(state, batch, jax.random.key(1))
-      first = len(compiles)
-      p_train_step(state, batch, jax.random.key(2))
-      second_call[place] = len(compiles) - first
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+  second_call = {}
+  for place in (False, True):
+    p_train_step, _ = step_lib.compile_steps(config)
+    state = state_lib.create_train_state(jax.random.key(0), config,
+                                         vocab_size)
+    if place:
+      state = step_lib.place_state(state)
+    state, _ = p_train_step(state, batch, jax.random.key(1))
+    first = len(compile_events)
+    p_train_step(state, batch, jax.random.key(2))
+    second_call[place] = len(compile_events) - first
   assert second_call == {False: 1, True: 0}
 
 
