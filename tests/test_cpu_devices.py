@@ -1,4 +1,5 @@
-"""The CPU split into one JAX device per core (`runtime.split_cpu`)."""
+"""The CPU split into one JAX device per core (`runtime.split_cpu`) and the
+XLA:CPU flags every run sets (`runtime.set_cpu_xla_flags`)."""
 
 import os
 import subprocess
@@ -72,3 +73,71 @@ def test_split_cpu_makes_the_devices_before_jax_starts():
   # An explicit split in XLA_FLAGS wins.
   assert _child(3, "--xla_force_host_platform_device_count=5")[::2] == [
       "None", "5"]
+
+
+def test_xla_defines_its_flags_and_not_others():
+  for name, _ in runtime.CPU_XLA_FLAGS:
+    assert runtime.xla_defines(name)
+  assert runtime.xla_defines("xla_force_host_platform_device_count")
+  assert not runtime.xla_defines("xla_cpu_no_such_flag_anywhere")
+  # A flag's name only in part is not a flag.
+  assert not runtime.xla_defines("xla_cpu_enable_concurrency")
+
+
+def test_set_cpu_xla_flags_adds_only_what_is_missing(monkeypatch):
+  (name, value), = runtime.CPU_XLA_FLAGS
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert runtime.set_cpu_xla_flags() == [f"--{name}={value}"]
+  assert os.environ["XLA_FLAGS"] == f"--{name}={value}"
+  assert runtime.set_cpu_xla_flags() == []  # Once is enough.
+  # The user's own flags stay; theirs wins where they name ours.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  runtime.set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"] == (
+      f"--xla_cpu_enable_fast_math=false --{name}={value}")
+  monkeypatch.setenv("XLA_FLAGS", f"--{name}=true")
+  assert runtime.set_cpu_xla_flags() == []
+  assert os.environ["XLA_FLAGS"] == f"--{name}=true"
+  # A flag this jaxlib does not have would end the process: left out.
+  monkeypatch.setattr(runtime, "CPU_XLA_FLAGS", (("xla_cpu_gone", "1"),))
+  monkeypatch.delenv("XLA_FLAGS")
+  assert runtime.set_cpu_xla_flags() == []
+  assert "XLA_FLAGS" not in os.environ
+
+
+# Two independent chains dot -> tanh -> dot: XLA's schedule runs one chain
+# after the other (depth first) or interleaves them (breadth first).
+_SCHEDULE_CHILD = """
+import sys
+import jax
+import jax.numpy as jnp
+from visionspeak_jax import runtime
+if sys.argv[1] == "set":
+  runtime.set_cpu_xla_flags()
+
+def chains(x, y, w):
+  return jnp.tanh(x @ w) @ w, jnp.tanh(y @ w) @ w
+
+z = jnp.ones((64, 64))
+text = jax.jit(chains).lower(z, z, z).compile().as_text()
+entry = text[text.index("ENTRY"):].splitlines()[1:]
+# Each instruction's name: "%name = shape op(operands)".
+names = [line.split("=", 1)[0].strip() for line in entry if "=" in line]
+print(" ".join("tanh" if "tanh" in name else "dot" for name in names
+               if "tanh" in name or "dot" in name or "ynn_fusion" in name))
+"""
+
+
+def test_the_flags_set_in_the_process_order_its_programs():
+  def order(mode):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([_ROOT, env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", _SCHEDULE_CHILD, mode], cwd=_ROOT, env=env,
+        capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+
+  # XLA's default interleaves the chains; set before JAX starts, the flags
+  # make it finish one chain first.
+  assert order("default") == ["dot", "dot", "tanh", "tanh", "dot", "dot"]
+  assert order("set") == ["dot", "tanh", "dot", "dot", "tanh", "dot"]
