@@ -85,24 +85,23 @@ def test_xla_defines_its_flags_and_not_others():
 
 
 def test_set_cpu_xla_flags_adds_only_what_is_missing(monkeypatch):
-  (name, value), = runtime.CPU_XLA_FLAGS
+  ours = [f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS]
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  assert runtime.set_cpu_xla_flags() == [f"--{name}={value}"]
-  assert os.environ["XLA_FLAGS"] == f"--{name}={value}"
+  assert runtime.set_cpu_xla_flags() == ours
+  assert os.environ["XLA_FLAGS"] == " ".join(ours)
   assert runtime.set_cpu_xla_flags() == []  # Once is enough.
-  # The user's own flags stay; theirs wins where they name ours.
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-  runtime.set_cpu_xla_flags()
-  assert os.environ["XLA_FLAGS"] == (
-      f"--xla_cpu_enable_fast_math=false --{name}={value}")
-  monkeypatch.setenv("XLA_FLAGS", f"--{name}=true")
-  assert runtime.set_cpu_xla_flags() == []
-  assert os.environ["XLA_FLAGS"] == f"--{name}=true"
+  # The user's own flags stay; theirs wins where they name one of ours.
+  first = runtime.CPU_XLA_FLAGS[0][0]
+  given = f"--xla_cpu_enable_fast_math=false --{first}=true"
+  monkeypatch.setenv("XLA_FLAGS", given)
+  assert runtime.set_cpu_xla_flags() == ours[1:]
+  assert os.environ["XLA_FLAGS"] == " ".join([given, *ours[1:]])
   # A flag this jaxlib does not have would end the process: left out.
-  monkeypatch.setattr(runtime, "CPU_XLA_FLAGS", (("xla_cpu_gone", "1"),))
+  monkeypatch.setattr(runtime, "CPU_XLA_FLAGS",
+                      (("xla_cpu_gone", "1"), *runtime.CPU_XLA_FLAGS[1:]))
   monkeypatch.delenv("XLA_FLAGS")
-  assert runtime.set_cpu_xla_flags() == []
-  assert "XLA_FLAGS" not in os.environ
+  assert runtime.set_cpu_xla_flags() == ours[1:]
+  assert os.environ.get("XLA_FLAGS", "") == " ".join(ours[1:])
 
 
 # Two independent chains dot -> tanh -> dot: XLA's schedule runs one chain
