@@ -87,6 +87,36 @@ def test_the_second_step_does_not_compile_again(compile_events):
   assert second_call == {False: 1, True: 0}
 
 
+def test_the_step_tuned_for_cpu_trains_alike_and_compiles_once(
+    compile_events):
+  # The training loop's step on a CPU: -O2 rounds differently from XLA's
+  # default, takes the same step, and compiles once for the whole run.
+  config = tiny.get_config()
+  config.warmup_steps = 0  # Take a real step at step 0.
+  vocab_size = 20
+  batch = jax.tree.map(lambda x: x.reshape((2, -1) + x.shape[1:]),
+                       fake_batch(config, vocab_size, config.batch_size))
+  results = []
+  for tuned in (False, True):
+    p_train_step, _ = step_lib.compile_steps(config)
+    if tuned:
+      p_train_step = step_lib.tuned_for_cpu(p_train_step)
+    state = step_lib.place_state(state_lib.create_train_state(
+        jax.random.key(0), config, vocab_size))
+    before = len(compile_events)
+    for i in range(3):
+      state, metrics = p_train_step(state, batch, jax.random.key(i))
+    if tuned:
+      assert len(compile_events) - before == 1
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (params, metrics), (tuned_params, tuned_metrics) = results
+  for key in ("loss", "xent", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], tuned_metrics[key], rtol=1e-5,
+                               err_msg=key)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4,
+                                 atol=1e-6), params, tuned_params)
+
+
 def test_two_devices_match_one_device_for_the_same_global_batch():
   config = tiny.get_config()
   config.warmup_steps = 0  # Take a real step at step 0.

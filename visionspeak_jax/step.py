@@ -156,10 +156,6 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   return state, metrics
 
 
-# XLA options for the train step's compilation on a CPU (`compile_steps`).
-CPU_STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
-
-
 def compile_steps(config: ml_collections.ConfigDict,
                   devices: list[jax.Device] | None = None):
   """The pmapped train step and predict function; no state is replicated.
@@ -172,17 +168,11 @@ def compile_steps(config: ml_collections.ConfigDict,
     (p_train_step(state, batch, rng),
      p_predict(params, batch_stats, decoding weights, inputs)).
   """
-  donate = (0,) if jax.process_count() == 1 else ()
   p_train_step = jax.pmap(
       functools.partial(train_step, config=config), axis_name="batch",
-      in_axes=(None, 0, None), out_axes=(None, None), donate_argnums=donate,
+      in_axes=(None, 0, None), out_axes=(None, None),
+      donate_argnums=(0,) if jax.process_count() == 1 else (),
       devices=devices)
-  if jax.default_backend() == "cpu" and jax.process_count() == 1:
-    # LLVM at -O2 instead of XLA's default -O3: on the default run (2-core
-    # Intel Xeon, A/B in separate processes, 4 rounds) a step 53.5 ->
-    # 51.6 ms and its compilation 5.0 -> 4.2 s.
-    p_train_step = jax.jit(p_train_step, donate_argnums=donate,
-                           compiler_options=CPU_STEP_COMPILER_OPTIONS)
   p_predict = jax.pmap(
       functools.partial(model.predict, config=config,
                         beam_size=config.beam_size,
@@ -191,6 +181,27 @@ def compile_steps(config: ml_collections.ConfigDict,
       axis_name="batch", in_axes=(None, None, None, 0), out_axes=0,
       devices=devices)
   return p_train_step, p_predict
+
+
+# XLA options for the train step's compilation on a CPU: LLVM at -O2
+# instead of XLA's default -O3. On the default run (2-core Intel Xeon, A/B
+# in separate processes, 4 rounds) a step 53.5 -> 51.6 ms, its compilation
+# 5.0 -> 4.2 s; the COCO-sized decoder step unchanged.
+CPU_STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+def tuned_for_cpu(p_train_step: Callable[..., Any]) -> Callable[..., Any]:
+  """`compile_steps`'s train step compiled with `CPU_STEP_COMPILER_OPTIONS`
+  where it runs on a CPU in one process; as it is elsewhere.
+
+  JAX takes compiler options only on a top-level `jax.jit`: call the
+  result directly (as the training loop does), not inside another
+  transformation (`jax.jit`, `jax.make_jaxpr`).
+  """
+  if jax.default_backend() != "cpu" or jax.process_count() > 1:
+    return p_train_step
+  return jax.jit(p_train_step, donate_argnums=(0,),
+                 compiler_options=CPU_STEP_COMPILER_OPTIONS)
 
 
 def place_state(state: Any, devices: list[jax.Device] | None = None) -> Any:
