@@ -191,12 +191,18 @@ CPU_STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
 
 
 def tuned_for_cpu(p_train_step: Callable[..., Any]) -> Callable[..., Any]:
-  """`compile_steps`'s train step compiled with `CPU_STEP_COMPILER_OPTIONS`
-  where it runs on a CPU in one process; as it is elsewhere.
+  """The train step compiled with `CPU_STEP_COMPILER_OPTIONS` on a CPU.
 
   JAX takes compiler options only on a top-level `jax.jit`: call the
   result directly (as the training loop does), not inside another
   transformation (`jax.jit`, `jax.make_jaxpr`).
+
+  Args:
+    p_train_step: `compile_steps`'s train step.
+
+  Returns:
+    That step, compiled with the options where it runs on a CPU in one
+    process; as it is elsewhere.
   """
   if jax.default_backend() != "cpu" or jax.process_count() > 1:
     return p_train_step

@@ -202,10 +202,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   learning_rate = optimizer.learning_rate_schedule(config)
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step, p_predict = step_lib.compile_steps(config)
-  p_train_step = step_lib.tuned_for_cpu(p_train_step)
   if config.objective == "scst":
     p_train_step = scst.SelfCriticalStep(config, scst.document_frequencies(
         config, workdir, source.references(config.train_split), vocab))
+  else:
+    p_train_step = step_lib.tuned_for_cpu(p_train_step)
   num_devices = jax.local_device_count()
   train_ds = source.train_dataset(vocab, seed=config.seed,
                                   skip_batches=start_step)
