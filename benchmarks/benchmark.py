@@ -19,7 +19,8 @@ Prints one table with these sections:
   python benchmarks/benchmark.py --batch_size=64 --beam_sizes=5
 
 XLA flags go in the environment, before the run, and are printed in the
-table's header (see benchmarks/README.md):
+table's header with those every run adds (`runtime.CPU_XLA_FLAGS`; see
+benchmarks/README.md):
 
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/benchmark.py
 
@@ -63,6 +64,7 @@ from visionspeak_jax import fast_decoder
 from visionspeak_jax import model
 from visionspeak_jax import optimizer as optimizer_lib
 from visionspeak_jax import resnet
+from visionspeak_jax import runtime
 from visionspeak_jax import state as state_lib
 from visionspeak_jax import step as step_lib
 from visionspeak_jax import vocabulary
@@ -1007,6 +1009,7 @@ def main(argv):
   del argv
   # The table is the output: TFDS's progress lines would break it up.
   logging.set_verbosity(logging.WARNING)
+  runtime.set_cpu_xla_flags()  # As a run has them (printed below).
   sizes = dict(batch=_BATCH.value, length=_LENGTH.value,
                regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
                vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
