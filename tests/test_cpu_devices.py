@@ -54,15 +54,20 @@ print(split, auto, jax.local_device_count(), jax.default_backend())
 """
 
 
-def _child(cpu_devices, xla_flags=None):
+def _run(code, arg, xla_flags=None):
+  """The words `code` prints, run as a fresh process with `arg`."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if xla_flags:
     env["XLA_FLAGS"] = xla_flags
   env["PYTHONPATH"] = os.pathsep.join([_ROOT, env.get("PYTHONPATH", "")])
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(cpu_devices)],
-                        cwd=_ROOT, env=env, capture_output=True, text=True,
-                        timeout=120, check=True)
+  proc = subprocess.run([sys.executable, "-c", code, arg], cwd=_ROOT,
+                        env=env, capture_output=True, text=True, timeout=120,
+                        check=True)
   return proc.stdout.split()
+
+
+def _child(cpu_devices, xla_flags=None):
+  return _run(_CHILD, str(cpu_devices), xla_flags)
 
 
 def test_split_cpu_makes_the_devices_before_jax_starts():
@@ -128,15 +133,9 @@ print(" ".join("tanh" if "tanh" in name else "dot" for name in names
 
 
 def test_the_flags_set_in_the_process_order_its_programs():
-  def order(mode):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([_ROOT, env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-c", _SCHEDULE_CHILD, mode], cwd=_ROOT, env=env,
-        capture_output=True, text=True, timeout=120, check=True
-    ).stdout.split()
-
   # XLA's default interleaves the chains; set before JAX starts, the flags
   # make it finish one chain first.
-  assert order("default") == ["dot", "dot", "tanh", "tanh", "dot", "dot"]
-  assert order("set") == ["dot", "tanh", "dot", "dot", "tanh", "dot"]
+  assert _run(_SCHEDULE_CHILD, "default") == [
+      "dot", "dot", "tanh", "tanh", "dot", "dot"]
+  assert _run(_SCHEDULE_CHILD, "set") == [
+      "dot", "tanh", "dot", "dot", "tanh", "dot"]

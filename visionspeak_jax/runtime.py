@@ -49,6 +49,11 @@ def cpu_device_count(config: ml_collections.ConfigDict, cores: int) -> int:
               if config.batch_size % n == 0 and config.eval_batch_size % n == 0)
 
 
+def _in_xla_flags(name: str) -> bool:
+  """Whether XLA_FLAGS sets the flag `name` already (the user's wins)."""
+  return name in os.environ.get("XLA_FLAGS", "")
+
+
 def split_cpu(config: ml_collections.ConfigDict) -> int | None:
   """Splits the CPU into `cpu_device_count` JAX devices; before JAX starts.
 
@@ -63,8 +68,7 @@ def split_cpu(config: ml_collections.ConfigDict) -> int | None:
     errors.ConfigError: a wrong `config.cpu_devices`.
   """
   count = cpu_device_count(config, len(os.sched_getaffinity(0)))
-  if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS",
-                                                                "")
+  if (_in_xla_flags("xla_force_host_platform_device_count")
       or jax.config.jax_num_cpu_devices != -1):
     return None
   jax.config.update("jax_num_cpu_devices", count)
@@ -111,11 +115,11 @@ def set_cpu_xla_flags() -> list[str]:
   Returns:
     The flags added, as written into XLA_FLAGS.
   """
-  given = os.environ.get("XLA_FLAGS", "")
   added = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS
-           if f"--{name}" not in given and xla_defines(name)]
+           if not _in_xla_flags(name) and xla_defines(name)]
   if added:
-    os.environ["XLA_FLAGS"] = " ".join([given, *added]).strip()
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), *added]).strip()
   return added
 
 
