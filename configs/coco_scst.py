@@ -26,7 +26,6 @@ def get_config(devices: str | None = None):
   config.objective = "scst"
   config.scst.num_samples = 5
   config.scst.baseline = "mean"
-  config.scst.num_references = 5
   config.learning_rate = 5e-5
   steps_per_epoch = coco.TRAIN_IMAGES // config.batch_size
   config.num_train_steps = EPOCHS * steps_per_epoch

@@ -56,19 +56,28 @@ def get_config() -> ml_collections.ConfigDict:
   # training (see visionspeak_jax/hard_attention.py), the most likely region
   # in decoding.
   config.model.attention = "soft"
-  config.alpha_c = 1.0  # Weight of the doubly stochastic attention loss.
+  # Weight of the doubly stochastic attention penalty sum_r (1 - sum_t
+  # alpha_tr)^2, a mean per caption, against the cross-entropy's mean per
+  # word. Soft attention only: hard runs need 0, as the paper's code drops
+  # its gradient there (hard_attention.py).
+  config.alpha_c = 1.0
   # Hard attention's training (used with model.attention = "hard").
   config.hard_attention = ml_collections.ConfigDict()
   # Probability that an image samples its regions in a training step; the
   # others read the soft context (the paper: 0.5).
   config.hard_attention.sample_prob = 0.5
-  # lambda_r of the REINFORCE term; rewards are a caption's mean
-  # log-likelihood per word, and the term is a mean per word like the
-  # cross-entropy. The paper's code (its 0.1 on a loss it does not divide by
-  # the batch) amounts to 0.1 x its batch size here: 3.2 at batch 32.
-  config.hard_attention.reinforce_weight = 3.0
-  # lambda_e of the entropy bonus, per word (the paper's code: 0.002).
-  config.hard_attention.entropy_weight = 0.002
+  # The REINFORCE and entropy weights are the paper's code's at its batch
+  # of 16, the defaults of `capgen.train()`, which go with its stochastic
+  # model (attn_type="stochastic", alpha_c=0); evaluate_coco.py's batch of
+  # 64 goes with the soft model. The code weighs both terms without
+  # dividing by the batch against a batch-mean cross-entropy, so each is
+  # its weight x 16 here (derivation: hard_attention.py).
+  # lambda_r of the REINFORCE term (rewards: a caption's mean log-likelihood
+  # per word), relative to the cross-entropy: 0.1 x 16.
+  config.hard_attention.reinforce_weight = 1.6
+  # lambda_e of the entropy bonus per word, relative to the cross-entropy:
+  # the code's alpha_entropy_c 0.002 x 16.
+  config.hard_attention.entropy_weight = 0.032
   # Decay of the moving-average reward baseline (the paper: 0.9).
   config.hard_attention.baseline_decay = 0.9
   # How a hard attention model decodes: "argmax" reads the most likely
@@ -105,7 +114,13 @@ def get_config() -> ml_collections.ConfigDict:
   # "mean": each sample's baseline is the mean reward of the image's other
   # K - 1 samples; "greedy": the reward of the image's greedy caption.
   config.scst.baseline = "mean"
-  config.scst.num_references = 5  # References per image the rewards use.
+  # End candidates, references and document frequencies with EOS, as the
+  # reference code does (ruotianluo/self-critical.pytorch: `array_to_str`
+  # keeps the end token, `prepro_ngrams.py` appends it to every training
+  # reference): the n-grams of a caption's ending then count, so an
+  # unfinished one ("... sitting on a") earns less than a finished one.
+  # The rewards always use every reference of the image, uncut.
+  config.scst.cider_eos = True
   # Weight of the references' cross-entropy added to the SCST loss.
   config.scst.xe_weight = 0.0
 

@@ -17,7 +17,6 @@ def get_config():
   config.objective = "scst"
   config.scst.num_samples = 5
   config.scst.baseline = "mean"
-  config.scst.num_references = 5
   # The references' cross-entropy beside the reward: content F1 fell less
   # with it (README, "Better captions: SCST").
   config.scst.xe_weight = 1.0

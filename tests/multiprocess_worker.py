@@ -51,7 +51,8 @@ def main():
     state, metrics = p_train_step(state, mine, jax.random.key(1))
   jax.block_until_ready(metrics)
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
+                                     write=True)
   vocab = vocab_lib.Vocabulary.build(["a red circle"])
   ckpt.save(3, state, vocab, config)
   ckpt.wait()

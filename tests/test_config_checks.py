@@ -37,6 +37,10 @@ _BAD_VALUES = [
      "config.hard_attention.sample_prob must be a number in [0, 1]"),
     ("hard_attention.reinforce_weight", -1.0,
      "config.hard_attention.reinforce_weight must be a number >= 0"),
+    # The tiny config keeps the default penalty, alpha_c = 1.
+    ("model.attention", "hard", "config.alpha_c must be 0 with "
+     "config.model.attention='hard' (the paper's code has no doubly "
+     "stochastic penalty there), got 1.0: set --config.alpha_c=0."),
     ("num_eval_examples", 0, "config.num_eval_examples must be -1"),
     ("data_source", "frozen", "config.data_source must be one of tfds, "
      "feature_cache, got 'frozen'"),
@@ -48,6 +52,9 @@ _BAD_VALUES = [
     ("model.resnet_stem", "big", "config.model.resnet_stem must be one of"),
     ("distributed", "maybe", "config.distributed must be one of"),
     ("best_metric", "bleu5", "config.best_metric must be one of"),
+    # The tiny config scores without Java.
+    ("best_metric", "meteor", "config.best_metric is meteor, which needs "
+     "Java, and this run scores without it"),
     ("init_from", "/no/such/run", "config.init_from '/no/such/run' is not a "
      "directory"),
     ("model.pretrained_path", "/no/weights.safetensors",
@@ -78,6 +85,27 @@ def test_bad_value_is_one_sentence(path, value, says):
     config_checks.validate(config)
   message = str(info.value)
   assert says in message and _is_one_sentence(message), message
+
+
+@pytest.mark.parametrize("metric,has_objects,says", [
+    ("content_f1", False, "config.best_metric is content_f1, which "
+     "evaluations on shapes_captions/tiny do not report (they report bleu1, "
+     "bleu2, bleu3, bleu4, rouge_l, cider): pick one of those"),
+    ("grounding", False, "config.best_metric is grounding, which"),
+    ("cider", False, None),
+    ("grounding", True, None),
+    ("content_f1", True, None),
+])
+def test_best_metric_must_be_reported(metric, has_objects, says):
+  config = tiny.get_config()
+  config.best_metric = metric
+  if says is None:
+    config_checks.check_best_metric(config, has_objects)
+    return
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.check_best_metric(config, has_objects)
+  message = str(info.value)
+  assert message.startswith(says) and _is_one_sentence(message), message
 
 
 def test_workdir_that_is_a_file_or_cannot_be_made(tmp_path):

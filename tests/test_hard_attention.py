@@ -161,7 +161,44 @@ def _hard_config(data_dir=""):
   config = tiny.get_config()
   config.data_dir = data_dir
   config.model.attention = "hard"
+  config.alpha_c = 0.0  # No doubly stochastic penalty with hard attention.
   return config
+
+
+def test_the_hard_terms_give_the_reference_codes_gradient_on_alpha():
+  """`capgen.py`'s `known_grads` on alpha at its batch of 16, in units of
+  its cross-entropy, equals the gradient of our terms in units of ours."""
+  rng = np.random.RandomState(1)
+  b, t, v, r = 4, 3, 6, 5
+  logits = rng.randn(b, t, v).astype(np.float32)
+  targets = rng.randint(0, v, (b, t))
+  mask = np.ones((b, t), np.float32)  # Full captions: per word = per step.
+  alphas = jax.nn.softmax(rng.randn(b, t, r).astype(np.float32), -1)
+  chosen = rng.randint(0, r, (b, t)).astype(np.int32)
+  regions = attention.Regions(jnp.zeros((b, t, r)), jnp.ones((b,)))
+  baseline = -1.5
+  config = tiny.get_config()
+
+  def ours(alphas):
+    terms = jax.vmap(
+        lambda *a: hard_attention.loss_terms(
+            *a, regions, jnp.float32(baseline), False, decay=0.9),
+        axis_name="batch")(*(x[None] for x in (logits, targets, mask,
+                                               alphas, chosen)))
+    terms = jax.tree.map(lambda x: x[0], terms)
+    return hard_attention.loss(terms, jnp.float32(mask.sum()), config)
+
+  # Our cross-entropy weighs each word 1 / N.
+  grad = np.asarray(jax.grad(ours)(jnp.asarray(alphas))) * mask.sum()
+  # The code's: (c_bar - c_b) / 10 * (-s / alpha) + 0.002 (log alpha + 1),
+  # against a cross-entropy that weighs each word 1 / B_ref.
+  cost = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                             targets[..., None], -1)[..., 0]  # [B, T]
+  c_b, c_bar = cost.mean(1), -baseline
+  sample = np.eye(r, dtype=np.float32)[chosen]  # [B, T, R]
+  reference = ((c_bar - c_b)[:, None, None] / 10 * (-sample / alphas)
+               + 0.002 * (np.log(alphas) + 1))
+  np.testing.assert_allclose(grad, 16 * reference, rtol=1e-4, atol=1e-5)
 
 
 def test_without_sampling_the_hard_step_is_the_soft_step():
@@ -173,6 +210,7 @@ def test_without_sampling_the_hard_step_is_the_soft_step():
   soft_config = tiny.get_config()
   soft_config.warmup_steps = 0
   soft_config.model.dropout_rate = 0.0
+  soft_config.alpha_c = config.alpha_c
   batch = jax.tree.map(lambda x: x[None], fake_batch(config, 20, 8))
   out = []
   for c in (config, soft_config):
@@ -245,6 +283,11 @@ def test_attention_kind_is_checked_and_shapes_the_state():
   config.hard_attention.sample_prob = 1.5
   with pytest.raises(errors.ConfigError, match="sample_prob"):
     config_checks.validate(config)
+  config = _hard_config()
+  config.alpha_c = 0.01
+  with pytest.raises(errors.ConfigError, match="config.alpha_c must be 0"):
+    config_checks.validate(config)
+  config_checks.validate(_hard_config())
   saved = tiny.get_config()
   del saved.model["attention"]  # A run from before the field: soft.
   config_checks.check_resume(saved, tiny.get_config(), "/run")

@@ -208,3 +208,64 @@ def test_a_second_process_on_a_workdir_is_refused(tiny_data_dir, tmp_path):
   finally:
     first.kill()
     first.wait()
+
+
+# Reads a run in a loop, as the caption CLI, the demo and init_from do,
+# until STOP exists; prints one line per read.
+_READER = """
+import os, sys
+from visionspeak_jax import checkpoint, restore
+workdir, stop = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop):
+  for best in (False, True):
+    try:
+      checkpoint.has_checkpoint(os.path.join(workdir, "checkpoints"))
+      run = restore.restore_run(workdir, best=best)
+      print("read", "best" if best else "checkpoints", run.step, flush=True)
+    except checkpoint.CheckpointError as e:
+      if not str(e).startswith("No checkpoint in "):
+        print("FAILED", repr(e), flush=True)
+    except Exception as e:
+      print("FAILED", repr(e), flush=True)
+"""
+
+
+def test_reading_a_run_while_it_trains_loses_nothing(tiny_data_dir,
+                                                     tmp_path):
+  workdir = str(tmp_path / "read")
+  stop = str(tmp_path / "stop")
+  # Every save is kept, so every announced one must be on disk at the end;
+  # best/ keeps one and deletes the others while the reader reads them.
+  trainer = _start(workdir, tiny_data_dir, "--config.num_train_steps=40",
+                   "--config.checkpoint_every_steps=2",
+                   "--config.max_checkpoints_to_keep=100",
+                   "--config.eval_every_steps=4", "--config.log_every_steps=10",
+                   "--config.num_eval_examples=8")
+  env = dict(_env(), XLA_FLAGS="")
+  reader = subprocess.Popen([sys.executable, "-c", _READER, workdir, stop],
+                            cwd=_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  try:
+    output, _ = trainer.communicate(timeout=600)
+  finally:
+    with open(stop, "w"):
+      pass
+    reads, read_log = reader.communicate(timeout=120)
+  assert reader.returncode == 0, read_log[-3000:]
+  assert trainer.returncode == 0, output[-3000:]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  announced = sorted(
+      int(line.split("Saving the checkpoint of step ")[1].split()[0])
+      for line in output.splitlines()
+      if "Saving the checkpoint of step " in line and f"{ckpt_dir}." in line)
+  assert announced == list(range(2, 41, 2))
+  assert sorted(int(s) for s in os.listdir(ckpt_dir)) == announced
+  for step in announced:
+    assert _params(workdir, step)[0] == step
+  assert restore.restore_run(workdir, best=True).step in range(4, 41, 4)
+  lines = reads.splitlines()
+  print(len(lines), "reads;", lines[:2], lines[-2:])
+  assert not [line for line in lines if not line.startswith("read ")], reads
+  # The reader read checkpoints while the run was saving more of them.
+  assert len({line for line in lines if line.startswith("read checkpoints")
+              }) > 2

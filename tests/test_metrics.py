@@ -150,6 +150,36 @@ def test_shared_meteor_scores_with_one_jvm_and_stops_it(monkeypatch):
   assert not alive
 
 
+def test_function_word_endings():
+  assert metrics.function_word_endings(
+      ["a red circle on a", "A red circle.", "two shapes and", "", "of the"
+       " square to"]) == pytest.approx(3 / 5)
+  assert metrics.function_word_endings(["a circle in the"]) == 1.0
+  assert metrics.function_word_endings([]) == 0.0
+
+
+def test_no_jvm_starts_where_meteor_is_not_scored(monkeypatch):
+
+  class NoMeteor:
+
+    def __init__(self):
+      raise AssertionError("a METEOR JVM was started")
+
+  monkeypatch.setattr(metrics, "Meteor", NoMeteor)
+  with metrics.shared_meteor(False):
+    assert not metrics._shared
+    scores = metrics.caption_metrics(_REFERENCES, _WRONG, use_java=False)
+  assert "meteor" not in scores
+  monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+  with metrics.shared_meteor():  # No Java on the PATH.
+    assert not metrics._shared
+  assert metrics.metric_names(use_java=None, has_objects=False) == (
+      "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
+      "function_word_endings")
+  assert set(metrics.metric_names(use_java=True, has_objects=True)) >= {
+      "meteor", "content_f1", "grounding", "grounding_chance"}
+
+
 @pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
 def test_shared_meteor_restarts_after_a_failure(monkeypatch):
   gts = {k: v for k, v in _REFERENCES.items()}
@@ -247,6 +277,26 @@ def test_attention_grounding_hand_made():
   # A caption with no matching shape word counts for nothing.
   assert metrics.attention_grounding([["a", "green", "triangle"]],
                                      [np.eye(3, 4)], [objects], (2, 2)) == 0.0
+
+
+def test_grounding_chance_is_the_share_of_cells_on_the_shape():
+  words, _, objects = _grounding_case()
+  # The red circle covers 1 of 4 cells, the blue square 1 (its edge
+  # contact with the top-right cell is no overlap); no green triangle.
+  assert metrics.grounding_chance([words], [objects], (2, 2)) == 0.25
+  bigger = [dict(objects[0], bbox=(0.0, 0.0, 0.6, 0.6)), objects[1]]
+  assert metrics.grounding_chance([words], [bigger], (2, 2)) == (
+      pytest.approx((4 / 4 + 1 / 4) / 2))
+  # It is what peak cells drawn at random score on average.
+  rng = np.random.default_rng(0)
+  draws = [metrics.attention_grounding(
+      [words], [np.eye(4)[rng.integers(0, 4, len(words))]], [bigger], (2, 2))
+           for _ in range(4000)]
+  assert np.mean(draws) == pytest.approx(0.625, abs=0.02)
+  assert metrics.grounding_chance([["a", "green", "triangle"]], [objects],
+                                  (2, 2)) == 0.0
+  with pytest.raises(ValueError, match="one of each"):
+    metrics.grounding_chance([words], [], (2, 2))
 
 
 def test_attention_grounding_rejects_bad_shapes():

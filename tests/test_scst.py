@@ -34,9 +34,28 @@ def _scst_config(data_dir, init_from=""):
 
 
 def test_words_stop_at_eos_and_drop_bos_and_pad():
-  assert scst.words([vocab_lib.BOS_ID, 7, 8, vocab_lib.EOS_ID, 9]) == (7, 8)
-  assert scst.words([5, vocab_lib.PAD_ID, 6]) == (5, 6)
-  assert scst.words([vocab_lib.EOS_ID]) == ()
+  bos, eos, pad = vocab_lib.BOS_ID, vocab_lib.EOS_ID, vocab_lib.PAD_ID
+  assert scst.words([bos, 7, 8, eos, 9], eos=False) == (7, 8)
+  assert scst.words([bos, 7, 8, eos, 9], eos=True) == (7, 8, eos)
+  assert scst.words([5, pad, 6], eos=True) == (5, 6)  # Cut: no EOS.
+  assert scst.words([eos], eos=False) == ()
+  assert scst.words([eos, pad], eos=True) == (eos,)
+
+
+def test_training_references_are_every_caption_whole():
+  vocab = vocab_lib.Vocabulary.build(["a red circle", "a blue square"])
+  long = " ".join(["a red circle"] * 20)  # 60 words: longer than any cut.
+  captions = [(7, ["a red circle", "a blue square", "red", long, "?", "x y"]),
+              (9, ["!", ""])]
+  eos = vocab_lib.EOS_ID
+  refs = scst.training_references(captions, vocab, eos=True)
+  encoded = [tuple(vocab.encode(c)) for c in captions[0][1]]
+  # Six captions; the one of punctuation only has no words.
+  assert refs[7] == [e + (eos,) for e in encoded if e]
+  assert len(refs[7]) == 5 and len(refs[7][3]) == 61
+  assert refs[9] == [()]  # No words at all: every sample scores 0.
+  assert scst.training_references(captions, vocab, eos=False)[7] == [
+      e for e in encoded if e]
 
 
 def test_advantages_against_the_others_mean_or_greedy():
@@ -47,19 +66,25 @@ def test_advantages_against_the_others_mean_or_greedy():
                              [[-1.0, 0.0, 1.0], [-0.1, -0.1, 0.5]])
 
 
-def test_training_batches_carry_every_reference(tiny_data_dir):
+def test_training_batches_name_their_images(tiny_data_dir):
   config = _scst_config(tiny_data_dir)
   source = input_pipeline.TfdsSource(config)
   vocab = vocab_lib.Vocabulary.build(source.captions(config.train_split))
+  references = scst.training_references(
+      source.references(config.train_split), vocab, eos=False)
   batch = next(source.train_dataset(vocab, seed=0).as_numpy_iterator())
-  length = config.max_caption_length + 2
-  assert batch["references"].shape == (config.batch_size, 5, length)
-  for tokens, refs in zip(batch["tokens"], batch["references"]):
-    # The trained caption is one of the image's references.
-    assert any((tokens == r).all() for r in refs)
-    assert all(r[0] == vocab_lib.BOS_ID for r in refs)
-  first = next(iter(source.references(config.train_split)))
+  assert batch["image_id"].shape == (config.batch_size,)
+  assert batch["image_id"].dtype == np.int32
+  for tokens, image_id in zip(batch["tokens"], batch["image_id"]):
+    # The trained caption is one of that image's references.
+    assert scst.words(tokens, eos=False) in references[int(image_id)]
+  image_id, first = next(iter(source.references(config.train_split)))
+  assert isinstance(image_id, int) and image_id in references
   assert len(first) == 5 and all(isinstance(c, str) for c in first)
+  # A cross-entropy run's batches carry no ids.
+  config.objective = "xe"
+  batch = next(source.train_dataset(vocab, seed=0).as_numpy_iterator())
+  assert set(batch) == {"image", "tokens"}
 
 
 def test_update_scores_samples_as_the_sampler_drew_them():
@@ -120,7 +145,7 @@ def test_scst_run_from_a_cross_entropy_run_resumes_exactly(
   for r in records:
     assert np.isfinite(r["loss"]) and 0.0 <= r["reward"]
     assert r["sample_length"] >= 1
-  assert os.path.exists(os.path.join(straight, scst.DF_FILE))
+  assert os.path.exists(os.path.join(straight, "cider_df_eos.npz"))
 
   # The same run stopped after its step-2 checkpoint and resumed ends with
   # the same weights: the samples and rewards of steps 3 and 4 recur.
@@ -155,18 +180,50 @@ def test_greedy_baseline_and_mixed_cross_entropy(tiny_data_dir, xe_run,
   assert all(r["xent"] > 0 for r in records)
 
 
-def test_rewards_are_cider_d_of_the_words_and_zero_without_references():
-  df = cider.DocumentFrequencies.build([[(5, 6, 7)], [(5, 8)], [(9,)]])
+@pytest.mark.parametrize("eos", [False, True])
+def test_rewards_are_cider_d_of_the_words_and_zero_without_references(eos):
+  e = vocab_lib.EOS_ID
+  end = (e,) if eos else ()
+  # Image 40 has two references; image 41's only caption had no words.
+  references = {40: [(5, 6, 7) + end, (5, 8) + end], 41: [()],
+                42: [(9,) + end]}
+  df = cider.DocumentFrequencies.build(list(references.values()))
+  config = tiny.get_config()
+  config.scst.cider_eos = eos
   step = scst.SelfCriticalStep.__new__(scst.SelfCriticalStep)
-  step.scorer = cider.CiderD(df)
-  bos, eos = vocab_lib.BOS_ID, vocab_lib.EOS_ID
-  # Image 0 has one reference; image 1's only caption had no words.
-  references = np.array([[[bos, 5, 6, 7, eos], [0, 0, 0, 0, 0]],
-                         [[bos, eos, 0, 0, 0], [0, 0, 0, 0, 0]]])
-  samples = np.array([[5, 6, 7, eos], [5, 6, eos, 0],
-                      [5, eos, 0, 0], [9, eos, 0, 0]])
-  rewards = step.rewards(samples, references)
-  want = step.scorer.score([(5, 6, 7), (5, 6)], [[(5, 6, 7)]], [0, 0])
+  step.config, step.scorer = config, cider.CiderD(df)
+  step.references = references
+  samples = np.array([[5, 6, 7, e], [5, 6, e, 0],
+                      [5, e, 0, 0], [9, e, 0, 0]])
+  rewards = step.rewards(samples, np.array([40, 41]))
+  want = step.scorer.score([(5, 6, 7) + end, (5, 6) + end],
+                           [references[40]], [0, 0])
   np.testing.assert_allclose(rewards[:2], want)
   assert rewards[0] > rewards[1] > 0
   np.testing.assert_array_equal(rewards[2:], [0.0, 0.0])
+
+
+def test_eos_n_grams_reward_a_finished_ending():
+  """With EOS, a caption that stops mid-phrase scores below its finish.
+
+  Without it, the unfinished "a red circle on a" holds only n-grams the
+  references have, and CIDEr-D's length penalty is its only cost.
+  """
+  vocab = vocab_lib.Vocabulary.build(
+      ["a red circle on a blue square", "a red circle above a blue square",
+       "a green triangle"])
+  refs = [(1, ["a red circle on a blue square",
+               "a red circle above a blue square"]),
+          (2, ["a green triangle", "a green triangle left of a circle"])]
+  scores = {}
+  for eos in (False, True):
+    references = scst.training_references(refs, vocab, eos=eos)
+    scorer = cider.CiderD(cider.DocumentFrequencies.build(
+        list(references.values())))
+    end = (vocab_lib.EOS_ID,) if eos else ()
+    finished = tuple(vocab.encode("a red circle on a blue square")) + end
+    unfinished = tuple(vocab.encode("a red circle on a")) + end
+    scores[eos] = scorer.score([finished, unfinished], [references[1]],
+                               [0, 0])
+  gap = {eos: s[0] - s[1] for eos, s in scores.items()}
+  assert gap[True] > gap[False] > 0

@@ -11,6 +11,7 @@ import pytest
 
 from configs import tiny
 from visionspeak_jax import checkpoint as checkpoint_lib
+from visionspeak_jax import errors
 from visionspeak_jax import state as state_lib
 from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
@@ -21,15 +22,25 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
+def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path,
+                                              monkeypatch):
   assert jax.local_device_count() == 2
+
+  class NoMeteor:
+
+    def __init__(self):
+      raise AssertionError("a METEOR JVM was started")
+
+  # The tiny config scores without Java: no JVM may start.
+  monkeypatch.setattr(train.metrics_lib, "Meteor", NoMeteor)
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   # Six steps teach nothing; the numbers must still be well-formed scores,
   # and the ones the run logged.
-  for key in ("bleu4", "rouge_l", "content_f1", "grounding"):
+  for key in ("bleu4", "rouge_l", "content_f1", "grounding",
+              "grounding_chance"):
     assert 0.0 <= results[key] <= 1.0, key
   assert results["num_images"] == config.num_eval_examples
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -37,9 +48,8 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
   vocab, saved_config = ckpt.restore_metadata()
   assert saved_config.model.hidden_dim == config.model.hidden_dim
   assert os.path.exists(os.path.join(workdir, "vocab.json"))
-  best = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"),
-                                     best_metric="cider")
-  assert best.best_step() == 6
+  best = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"))
+  assert best.latest_step() == 6
   first = _records(workdir)
   assert [r["step"] for r in first if r["split"] == "train"] == [2, 4, 6]
   assert first[-1] == {"step": 6, "split": "test", **results}
@@ -59,10 +69,33 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path):
   assert any(jax.tree.leaves(changed))
 
 
+def test_a_best_metric_the_data_lacks_stops_the_run_at_start(
+    tiny_data_dir, tmp_path, monkeypatch):
+  real_create = train.data.create
+
+  def without_objects(config, workdir):
+    source = real_create(config, workdir)
+    source.has_objects = False  # As coco_captions' examples.
+    return source
+
+  monkeypatch.setattr(train.data, "create", without_objects)
+  config = tiny.get_config()
+  config.data_dir = tiny_data_dir
+  config.best_metric = "grounding"
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.ConfigError,
+                     match="config.best_metric is grounding, which "
+                     "evaluations on shapes_captions/tiny do not report"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "metrics.jsonl").exists()
+  assert not os.listdir(workdir / "checkpoints")
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "empty"))
   with pytest.raises(checkpoint_lib.CheckpointError, match="No checkpoint"):
     ckpt.restore_metadata()
+  assert not (tmp_path / "empty").exists()  # A reader creates nothing.
 
 
 def test_the_second_step_does_not_compile_again(compile_events):

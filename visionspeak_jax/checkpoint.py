@@ -92,6 +92,10 @@ def quiet_failed_reads() -> None:
   sys.unraisablehook = hook
   pylogging.getLogger("asyncio").addFilter(
       lambda record: "exception was never retrieved" not in record.getMessage())
+  # Every reader opens read-only on purpose; Orbax warns each time.
+  pylogging.getLogger("absl").addFilter(
+      lambda record: not record.getMessage().startswith(
+          "Given directory is read only"))
 
 
 class CheckpointError(errors.UserError):
@@ -99,7 +103,7 @@ class CheckpointError(errors.UserError):
 
 
 def has_checkpoint(directory: str) -> bool:
-  """Whether `directory` holds at least one saved step (creates nothing)."""
+  """Whether `directory` holds at least one saved step (changes nothing)."""
   if not epath.Path(directory).is_dir():
     return False
   ckpt = Checkpointer(directory)
@@ -110,32 +114,56 @@ def has_checkpoint(directory: str) -> bool:
 
 
 class Checkpointer:
-  """Saves and restores (state, vocabulary, config) under `directory`."""
+  """Saves and restores (state, vocabulary, config) under `directory`.
 
-  def __init__(self, directory: str, max_to_keep: int = 2,
-               best_metric: str | None = None):
-    """Opens (and creates) a checkpoint directory.
+  Opened for reading by default: the caption CLI, the demo, `init_from` and
+  feature extraction read runs that may be training at that moment, and
+  must leave the trainer's files alone. Only the process that holds the
+  workdir's lock (`workdir.Lock`) opens it with `write=True`.
+  """
+
+  def __init__(self, directory: str, *, write: bool = False,
+               max_to_keep: int = 2, best_metric: str | None = None):
+    """Opens a checkpoint directory.
 
     Args:
       directory: where the numbered step folders go.
+      write: open for saving: creates the directory, deletes what a killed
+        save left behind, and deletes old checkpoints beyond `max_to_keep`.
+        Without it nothing on disk changes (Orbax's read-only mode).
       max_to_keep: checkpoints kept; the oldest (or, with `best_metric`, the
-        worst) are deleted.
+        worst) are deleted. Writers only.
       best_metric: keep the checkpoints with the highest value of this metric
-        (passed to `save`) instead of the newest ones.
+        (passed to `save`) instead of the newest ones. Writers only.
     """
     self.directory = workdir_lib.absolute(directory)
+    self.write = write
     # Before any read: the echoes of a failed one come from other threads.
     quiet_failed_reads()
-    # A save cut short by a kill leaves a temporary folder, never a step:
-    # clear those away.
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True,
-                                           cleanup_tmp_directories=True)
-    if best_metric is not None:
+    options = None
+    if write:
+      # A save cut short by a kill leaves a temporary folder, never a step:
+      # the writer clears those away. A reader never does: the folder may
+      # be the trainer's save in flight.
+      best = {}
+      if best_metric is not None:
+        best = dict(best_fn=lambda metrics: metrics[best_metric],
+                    best_mode="max")
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-          best_fn=lambda metrics: metrics[best_metric], best_mode="max")
-    self._manager = ocp.CheckpointManager(
+          **best)
+    self._manager = self._open(options)
+
+  def _open(self, options: ocp.CheckpointManagerOptions | None = None
+            ) -> ocp.CheckpointManager:
+    """A manager of the directory; read-only unless `options` are given."""
+    if options is None:
+      # Lightweight: a reader needs the step list, not each step's metrics.
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False,
+          max_to_keep=None, save_interval_steps=0,
+          lightweight_initialize=True)
+    return ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "vocab": ocp.JsonCheckpointHandler(),
@@ -146,10 +174,6 @@ class Checkpointer:
     """The newest saved step, or None when there is none."""
     return self._manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """The step with the best metric (the newest without `best_metric`)."""
-    return self._manager.best_step()
-
   def save(self, step: int, state: Any, vocab: vocab_lib.Vocabulary,
            config: ml_collections.ConfigDict,
            metrics: dict[str, float] | None = None,
@@ -159,6 +183,12 @@ class Checkpointer:
     `metrics` are required when the checkpointer keeps the best checkpoints;
     `info` is any JSON-able record about the run (see `restore_info`).
     """
+    if not self.write:
+      # Orbax's read-only mode would skip the save without a word.
+      raise RuntimeError(f"{self.directory} is open for reading; open it with "
+                         "Checkpointer(..., write=True) to save.")
+    logging.info("Saving the checkpoint of step %d in %s.", step,
+                 self.directory)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(_to_global(state)),
         vocab=ocp.args.JsonSave(vocab.to_json()),
@@ -211,8 +241,10 @@ class Checkpointer:
 
     A step that fails to restore (a truncated or missing file) is logged and
     the one before it tried, so one damaged checkpoint does not end a run.
-    A `UserError` from `restore` (e.g. a config that does not fit) is not
-    damage and stops the search.
+    A step that the training process deleted while it was read (it keeps
+    only the newest few) is not damage: the steps are listed again and the
+    newest tried. A `UserError` from `restore` (e.g. a config that does not
+    fit) is not damage and stops the search.
 
     Args:
       restore: reads one step; called newest first.
@@ -223,9 +255,13 @@ class Checkpointer:
     Raises:
       CheckpointError: every saved step is damaged.
     """
-    steps = sorted(self._manager.all_steps(), reverse=True)
-    first_failure = None
-    for step in steps:
+    damaged = {}  # step -> what failed
+    steps = self._list_steps(reload=False)
+    while True:
+      candidates = [s for s in steps if s not in damaged]
+      if not candidates:
+        break
+      step = candidates[-1]
       try:
         return step, restore(step)
       except errors.UserError:
@@ -233,17 +269,31 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # Orbax, TensorStore and the JSON reader report damage in many ways.
         detail = describe_failure(e)
-        first_failure = first_failure or f"step {step}: {detail}"
+        steps = self._list_steps(reload=True)
+        if step not in steps:
+          logging.info("The checkpoint of step %d in %s was deleted while it "
+                       "was read; reading the newest again.", step,
+                       self.directory)
+          continue
+        damaged[step] = detail
         logging.warning("The checkpoint of step %d in %s is damaged (%s)%s",
                         step, self.directory, detail,
-                        "; trying the one before it." if step != steps[-1]
-                        else ".")
-    if first_failure is None:
+                        "; trying the one before it."
+                        if len(candidates) > 1 else ".")
+    if not damaged:
       return None
+    newest = max(damaged)
     raise CheckpointError(
         f"No intact checkpoint in {self.directory} (steps "
-        f"{', '.join(map(str, steps))} are all damaged; {first_failure}): "
-        "move that directory away to start afresh.")
+        f"{', '.join(map(str, sorted(damaged)))} are all damaged; step "
+        f"{newest}: {damaged[newest]}): move that directory away to start "
+        "afresh.")
+
+  def _list_steps(self, reload: bool) -> list[int]:
+    """The saved steps, oldest first; `reload` reads the directory again."""
+    if reload:
+      self._manager.reload()
+    return sorted(self._manager.all_steps())
 
   def restore_info(self, step: int | None = None) -> dict[str, Any]:
     """The `info` record saved with a checkpoint ({} when there is none)."""

@@ -18,6 +18,7 @@ from visionspeak_jax import attention
 from visionspeak_jax import decoder
 from visionspeak_jax import distributed
 from visionspeak_jax import errors
+from visionspeak_jax import metrics
 from visionspeak_jax import model
 from visionspeak_jax import optimizer
 from visionspeak_jax import resnet
@@ -33,7 +34,7 @@ _AT_LEAST_ONE = (
     "max_checkpoints_to_keep", "beam_size", "max_decode_length",
     "max_caption_length", "vocab_min_count", "shuffle_buffer_size",
     "prefetch_batches", "model.embed_dim", "model.attention_dim",
-    "model.hidden_dim", "model.resnet_width", "scst.num_references")
+    "model.hidden_dim", "model.resnet_width")
 # Fields that must be >= 0.
 _NON_NEGATIVE = ("cpu_devices", "learning_rate", "warmup_steps",
                  "weight_decay", "grad_clip_norm", "alpha_c", "length_penalty",
@@ -134,6 +135,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         "config.metrics_use_java is True but no `java` is on the PATH: "
         "install a Java runtime, or leave --config.metrics_use_java unset.")
+  if (config.best_metric == "meteor"
+      and not metrics.java_used(config.metrics_use_java)):
+    raise errors.ConfigError(
+        "config.best_metric is meteor, which needs Java, and this run scores "
+        "without it (no `java` on the PATH, or metrics_use_java=False): "
+        "install a Java runtime, or pick another --config.best_metric.")
   path = config.model.pretrained_path
   if path and not epath.Path(path).is_file():
     raise errors.ConfigError(
@@ -153,6 +160,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.image_size {config.image_size} gives no region with "
         f"ResNet-{config.model.resnet_size} and the "
         f"{config.model.resnet_stem} stem: raise --config.image_size.")
+  # The paper's code hands Theano the stochastic model's gradient on alpha
+  # (`known_grads`), which replaces the penalty's: it has no effect there.
+  if model.attention_kind(config) == "hard" and config.alpha_c > 0:
+    raise errors.ConfigError(
+        "config.alpha_c must be 0 with config.model.attention='hard' (the "
+        "paper's code has no doubly stochastic penalty there), got "
+        f"{config.alpha_c!r}: set --config.alpha_c=0.")
+
+
+def check_best_metric(config: ml_collections.ConfigDict,
+                      has_objects: bool) -> None:
+  """Checks the run's evaluations will report `config.best_metric`.
+
+  Args:
+    config: the run config.
+    has_objects: the data source's examples carry the shapes set's objects
+      (`data.DataSource.has_objects`).
+
+  Raises:
+    errors.ConfigError: the metric will not be computed.
+  """
+  reported = metrics.metric_names(use_java=config.metrics_use_java,
+                                  has_objects=has_objects)
+  if config.best_metric not in reported:
+    raise errors.ConfigError(
+        f"config.best_metric is {config.best_metric}, which evaluations on "
+        f"{config.dataset} do not report (they report "
+        f"{', '.join(m for m in METRICS if m in reported)}): pick one of "
+        "those for --config.best_metric.")
 
 
 def check_workdir(workdir: str) -> None:

@@ -30,9 +30,13 @@ class DataSource(Protocol):
   # JSON-able facts saved with every checkpoint (`restore.Run.info`).
   run_info: dict[str, Any]
   description: str  # For the log.
+  # Examples carry the shapes set's objects (colour, shape, box): the
+  # evaluation then also reports content F1 and attention grounding.
+  has_objects: bool
 
-  def references(self, split: str) -> Iterator[list[str]]:
-    """Each example's reference captions (self-critical rewards)."""
+  def references(self, split: str) -> Iterator[tuple[int, list[str]]]:
+    """(image id, reference captions) of each example (self-critical
+    rewards)."""
 
   def captions(self, split: str) -> Iterator[str]:
     """Every reference caption of a split (for the vocabulary)."""
@@ -59,7 +63,7 @@ def create(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
 
   Raises:
     input_pipeline.DataError: the source's data is missing or unusable.
-    ValueError: an unknown `data_source`.
+    errors.ConfigError: an unknown `data_source`.
   """
   if config.data_source == "tfds":
     return input_pipeline.TfdsSource(config)

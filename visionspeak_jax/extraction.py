@@ -81,5 +81,6 @@ def extract(config: ml_collections.ConfigDict, workdir: str,
     feature_cache.write_index(directory, config, feature_dim=dim,
                               encoder_source=source,
                               encoder_fingerprint=fingerprint,
-                              num_processes=process_count)
+                              num_processes=process_count,
+                              has_objects=source_data.has_objects)
   return directory

@@ -34,7 +34,7 @@ from visionspeak_jax import model
 from visionspeak_jax import vocabulary as vocab_lib
 from visionspeak_jax import workdir as workdir_lib
 
-FORMAT = "visionspeak-features/1"
+FORMAT = "visionspeak-features/2"
 INDEX = "index.json"
 # Examples per TFRecord shard: ~2048 x 49 x 2048 x 2 bytes = 400 MB for COCO.
 EXAMPLES_PER_SHARD = 2048
@@ -165,11 +165,17 @@ class SplitWriter:
 
 def write_index(directory: str, config: ml_collections.ConfigDict, *,
                 feature_dim: int, encoder_source: str,
-                encoder_fingerprint: str, num_processes: int) -> None:
-  """Writes index.json: what made the cache, for `open_cache` to check."""
+                encoder_fingerprint: str, num_processes: int,
+                has_objects: bool) -> None:
+  """Writes index.json: what made the cache, for `open_cache` to check.
+
+  `has_objects`: the examples carry the shapes set's objects (see
+  `data.DataSource.has_objects`).
+  """
   index = {"format": FORMAT, **_encoder_description(config),
            "num_regions": model.num_regions(config),
            "feature_dim": feature_dim, "dtype": "float16",
+           "has_objects": has_objects,
            "encoder_source": encoder_source,
            "encoder_fingerprint": encoder_fingerprint,
            "num_processes": num_processes, "splits": cache_splits(config)}
@@ -209,6 +215,10 @@ class FeatureCache:
             "encoder_fingerprint": self.index["encoder_fingerprint"]}
 
   @property
+  def has_objects(self) -> bool:
+    return self.index["has_objects"]
+
+  @property
   def num_regions(self) -> int:
     return self.index["num_regions"]
 
@@ -242,16 +252,16 @@ class FeatureCache:
                                  else self.files(split))
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def references(self, split: str) -> Iterator[list[str]]:
-    """Each example's reference captions, in the cache's order."""
+  def references(self, split: str) -> Iterator[tuple[int, list[str]]]:
+    """(image id, reference captions) of each example, in the cache's order."""
     ds = input_pipeline.without_autotune(
-        self._records(split).map(lambda ex: ex["captions"]))
-    for texts in ds.as_numpy_iterator():
-      yield [t.decode("utf-8") for t in texts]
+        self._records(split).map(lambda ex: (ex["image_id"], ex["captions"])))
+    for image_id, texts in ds.as_numpy_iterator():
+      yield int(image_id), [t.decode("utf-8") for t in texts]
 
   def captions(self, split: str) -> Iterator[str]:
     """Every reference caption of a split (for the vocabulary)."""
-    return (c for texts in self.references(split) for c in texts)
+    return (c for _, texts in self.references(split) for c in texts)
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
                     skip_batches: int = 0,
@@ -281,7 +291,8 @@ class FeatureCache:
       ds = self._records(None, files).shard(process_count, process_index)
     ds = ds.filter(lambda ex: tf.size(ex["captions"]) > 0)
     ds = ds.map(lambda ex: {"features": ex["features"],
-                            "texts": ex["captions"]})
+                            "texts": ex["captions"],
+                            "image_id": ex["image_id"]})
     return input_pipeline.sample_captions(ds, config, vocab, seed=seed,
                                           process_count=process_count,
                                           skip_batches=skip_batches)
@@ -322,9 +333,14 @@ def open_cache(config: ml_collections.ConfigDict, workdir: str,
     raise FeatureCacheError(
         f"No feature cache in {directory}: run `{rerun}` with this config "
         "first, or point --config.feature_cache_dir at one.")
+  if index.get("format") != FORMAT:
+    raise FeatureCacheError(
+        f"The feature cache in {directory} is in format "
+        f"{index.get('format')!r}, this version reads {FORMAT!r}: re-run "
+        f"`{rerun}` with this config.")
   made = {k: index.get(k) for k in _encoder_description(config)}
   wanted = _encoder_description(config)
-  if index.get("format") != FORMAT or made != wanted:
+  if made != wanted:
     raise FeatureCacheError(
         f"The feature cache in {directory} was made for "
         f"{_describe(made)}, not {_describe(wanted)}: re-run extract_features "

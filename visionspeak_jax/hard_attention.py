@@ -17,12 +17,30 @@ the paper does "to further improve robustness" (its code's
 `semi_sampling_p`).
 
 Units: the words' cross-entropy is a mean per token over the global batch,
-so the reward is a caption's mean log-likelihood per word (the paper's code
-rewards a caption's mean cost per step too), and the REINFORCE and entropy
-sums are divided by the global token count. The paper's code weighs
-REINFORCE by 0.1 on a loss it does not divide by its batch size, against
-a cross-entropy it does: 0.1 x the batch size in these units, hence the
-default 3.0 for batches of 32. Decoding reads the most likely region
+so the reward is a caption's mean log-likelihood per word (the paper's
+code divides the summed cost by the batch's padded length), and the
+REINFORCE and entropy sums are divided by the global token count N. The
+paper's code (`capgen.py`, time-major [T, B, R]) averages the
+cross-entropy over its batch B, (1 / B) sum_b sum_t xent_tb, but hands
+Theano the gradient on alpha itself (`known_grads`), per (t, b, r) and not
+divided by B:
+
+  (c_bar - c_b) / 10 * (-s_tbr / alpha_tbr) + e (log alpha_tbr + 1),
+
+with c_b the caption's mean cost per step, c_bar its moving average, s the
+one-hot sample and e = `alpha_entropy_c` = 0.002. With r_b = -c_b and
+b = -c_bar that is the gradient of
+
+  0.1 sum_b -(r_b - b) log p(s~_b) - e sum_{t,b} H[alpha_tb].
+
+Against the cross-entropy's weight 1 / B per word, REINFORCE weighs 0.1 per
+caption and the entropy e per word: 0.1 B and e B relative to it. Here all
+three sums are divided by N, so lambda_r and lambda_e are those ratios
+themselves: lambda_r = 0.1 B and lambda_e = 0.002 B, both at the same
+reference batch (`configs/default.py` says which). `known_grads` also
+replaces the gradient that reaches alpha from the rest of the loss, so the
+doubly stochastic penalty has no effect there; `config_checks` asks hard
+runs for `alpha_c = 0`. Decoding reads the most likely region
 (`fast_decoder.decode_step`).
 """
 
@@ -114,7 +132,19 @@ def update_baseline(baseline: jax.Array, mean_reward: jax.Array,
 
 def loss(terms: dict[str, jax.Array], tokens: jax.Array,
          config: ml_collections.ConfigDict) -> jax.Array:
-  """The terms' share of the loss, normalised by the global token count."""
+  """The terms' share of the loss, normalised by the global token count.
+
+  Args:
+    terms: `loss_terms`' sums (totals over the devices, or this device's).
+    tokens: the global token count N that divides the cross-entropy too
+      (its per-device mean where `terms` are one device's).
+    config: the run config; `hard_attention.reinforce_weight` and
+      `entropy_weight` are the weights relative to the cross-entropy (see
+      the module docstring for the reference code's equivalents).
+
+  Returns:
+    (lambda_r reinforce_sum - lambda_e entropy_sum) / N.
+  """
   h = config.hard_attention
   return (h.reinforce_weight * terms["reinforce_sum"]
           - h.entropy_weight * terms["entropy_sum"]) / tokens

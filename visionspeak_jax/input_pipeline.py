@@ -169,7 +169,8 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
   continues.
 
   Args:
-    ds: examples; `texts` is a [N > 0] string tensor, the rest is kept.
+    ds: examples; `texts` is a [N > 0] string tensor, `image_id` an int64
+      scalar; the rest is kept.
     config: the run config.
     vocab: the vocabulary.
     seed: seeds shuffling and the choice of caption.
@@ -180,19 +181,24 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
   Returns:
     Batches of this process's share, with `tokens` int32
     [b, max_caption_length + 2] in place of `texts`; for a self-critical
-    run (`config.objective == "scst"`) also `references` int32
-    [b, N, max_caption_length + 2], the example's first N =
-    `config.scst.num_references` captions encoded the same way (PAD rows
-    where it has fewer), which its rewards score against.
+    run (`config.objective == "scst"`) also `image_id` int32 [b], whose
+    references its rewards score against (`scst.training_references`);
+    other runs drop it.
   """
   table = make_token_table(vocab)
   max_words = config.max_caption_length
-  num_references = (config.scst.num_references
-                    if config.get("objective", "xe") == "scst" else 0)
+  keep_id = config.objective == "scst"
 
   def encode_texts(ex):
     ex = dict(ex)
     ex["captions"] = encode_captions(ex.pop("texts"), table, max_words)
+    image_id = ex.pop("image_id")
+    if keep_id:
+      # Checked, not wrapped: JAX's arrays are 32-bit.
+      tf.debugging.assert_less_equal(
+          image_id, tf.constant(2**31 - 1, tf.int64),
+          message="image ids of a self-critical run must fit in int32")
+      ex["image_id"] = tf.cast(image_id, tf.int32)
     return ex
 
   def pick_caption(index, ex):
@@ -203,11 +209,6 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
         [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
         maxval=tf.shape(captions, out_type=tf.int64)[0], dtype=tf.int64)
     ex["tokens"] = captions[pick]
-    if num_references:
-      refs = captions[:num_references]
-      ex["references"] = tf.pad(
-          refs, [[0, num_references - tf.shape(refs)[0]], [0, 0]],
-          constant_values=vocab_lib.PAD_ID)
     return ex
 
   # Every reference is encoded once, before the cache: a visit then only
@@ -254,20 +255,25 @@ class TfdsSource:
     """
     self.config = config
     self.builder = get_builder(config)
+    features = self.builder.info.features
+    self.has_objects = ("objects" in features and
+                        "color" in features["objects"].feature)
 
   @property
   def description(self) -> str:
     return f"{self.builder.name} images from {self.builder.data_dir}"
 
-  def references(self, split: str) -> Iterator[list[str]]:
-    """Each example's reference captions, in the split's order."""
+  def references(self, split: str) -> Iterator[tuple[int, list[str]]]:
+    """(image id, reference captions) of each example, in the split's order."""
     ds = _read_split(self.builder, split, skip_images=True)
-    ds = without_autotune(ds.map(lambda ex: ex["captions"]["text"]))
-    return ([c.decode("utf-8") for c in texts] for texts in tfds.as_numpy(ds))
+    ds = without_autotune(ds.map(
+        lambda ex: (ex["image/id"], ex["captions"]["text"])))
+    return ((int(image_id), [c.decode("utf-8") for c in texts])
+            for image_id, texts in tfds.as_numpy(ds))
 
   def captions(self, split: str) -> Iterator[str]:
     """Every reference caption of a split (for the vocabulary)."""
-    return (c for texts in self.references(split) for c in texts)
+    return (c for _, texts in self.references(split) for c in texts)
 
   def train_dataset(self, vocab: vocab_lib.Vocabulary, *, seed: int,
                     skip_batches: int = 0,
@@ -285,7 +291,8 @@ class TfdsSource:
 
     Returns:
       A dataset of dicts: `image` uint8 [b, S, S, 3] and `tokens` int32
-      [b, max_caption_length + 2], with b = batch_size / process_count.
+      [b, max_caption_length + 2], with b = batch_size / process_count
+      (and `image_id`, see `sample_captions`).
     """
     config = self.config
     process_index, process_count = process_share(config, process_index,
@@ -297,7 +304,7 @@ class TfdsSource:
 
     def decode(ex):
       return {"image": resize_image(ex["image"], size),
-              "texts": ex["captions"]["text"]}
+              "texts": ex["captions"]["text"], "image_id": ex["image/id"]}
 
     ds = ds.filter(lambda ex: tf.size(ex["captions"]["text"]) > 0)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
@@ -316,8 +323,7 @@ class TfdsSource:
     if num_examples > 0:
       ds = ds.take(num_examples)
     features = self.builder.info.features
-    has_objects = ("objects" in features and
-                   "color" in features["objects"].feature)
+    has_objects = self.has_objects
     if has_objects:
       color_names = features["objects"]["color"].names
       shape_names = features["objects"]["shape"].names

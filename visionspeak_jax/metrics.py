@@ -97,8 +97,32 @@ def _close_meteor(scorer: Meteor) -> None:
 _shared: list[Meteor | None] = []
 
 
+def java_used(use_java: bool | None) -> bool:
+  """Whether `caption_metrics(use_java=use_java)` runs the Java scorers."""
+  return shutil.which("java") is not None if use_java is None else use_java
+
+
+def metric_names(*, use_java: bool | None, has_objects: bool
+                 ) -> tuple[str, ...]:
+  """The metrics an evaluation reports.
+
+  Args:
+    use_java: `caption_metrics`' argument (METEOR needs Java).
+    has_objects: the examples carry the shapes set's objects (content F1
+      and grounding need them).
+  """
+  names = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
+           "function_word_endings")
+  if java_used(use_java):
+    names += ("meteor",)
+  if has_objects:
+    names += ("content_precision", "content_recall", "content_f1",
+              "grounding", "grounding_chance")
+  return names
+
+
 @contextlib.contextmanager
-def shared_meteor() -> Iterator[None]:
+def shared_meteor(use_java: bool | None = None) -> Iterator[None]:
   """Inside it, every METEOR score comes from one JVM, started at entry.
 
   METEOR's JVM takes about 4 s to load its tables, and 1 s to score 1000
@@ -106,9 +130,10 @@ def shared_meteor() -> Iterator[None]:
   started when the run starts, the JVM loads while the run trains, and the
   evaluations only score. On leaving, the JVM is shut down, so nothing is
   left behind; outside, each `caption_metrics` call starts and stops its
-  own. Without Java it does nothing. Nested uses share the outer one.
+  own. Without Java, or with `use_java` False (`caption_metrics`'
+  argument), it starts nothing. Nested uses share the outer one.
   """
-  if _shared or shutil.which("java") is None:
+  if _shared or not java_used(use_java):
     yield
     return
   _shared.append(Meteor())
@@ -182,12 +207,10 @@ def caption_metrics(
     raise ValueError(
         f"{len(missing)} predicted image ids have no reference captions "
         f"(e.g. {missing[0]!r}); pass references for every prediction.")
-  have_java = shutil.which("java") is not None
-  if use_java is None:
-    use_java = have_java
-  elif use_java and not have_java:
+  if use_java and shutil.which("java") is None:
     raise ValueError("use_java=True but no `java` executable is on the PATH; "
                      "install a Java runtime or pass use_java=False.")
+  use_java = java_used(use_java)
   if not use_java:
     logging.log_first_n(
         logging.WARNING,
@@ -220,6 +243,27 @@ def caption_metrics(
     if use_java:
       scores["meteor"] = _meteor(gts, res)
   return scores
+
+
+# Words a finished English caption does not end on: a caption that does
+# was cut off mid-phrase ("... sitting on a"), the known failure of
+# self-critical training without EOS in its rewards.
+FUNCTION_WORDS = frozenset(("a", "an", "the", "of", "with", "and", "on", "in",
+                            "to"))
+
+
+def function_word_endings(captions: Sequence[str]) -> float:
+  """Share of captions whose last word is one of `FUNCTION_WORDS`.
+
+  Args:
+    captions: generated captions (lowercased, punctuation dropped); an
+      empty caption does not end on a function word.
+
+  Returns:
+    The share in [0, 1] (0.0 for no captions).
+  """
+  ends = [(_simple_tokenize(c).split() or [""])[-1] for c in captions]
+  return sum(e in FUNCTION_WORDS for e in ends) / len(ends) if ends else 0.0
 
 
 def _mentions(words: Sequence[str]) -> list[tuple[int, str, str]]:
@@ -307,6 +351,49 @@ def _name(value: Any, names: list[str]) -> str:
   return names[int(value)]
 
 
+def _grounding_cells(
+    tokens: Sequence[Sequence[str]],
+    alphas: Sequence[np.ndarray] | None,
+    objects: Sequence[Sequence[Mapping[str, Any]]],
+    grid_hw: tuple[int, int],
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+  """Per correctly named shape: which cells lie on it, and its attention.
+
+  Yields, for each mention `attention_grounding` counts, a bool [H * W]
+  (cell r * W + c overlaps, with positive area, the box of an object of the
+  mention's colour and shape) and the mention's attention row [H * W] (None
+  without `alphas`).
+  """
+  grid_h, grid_w = grid_hw
+  rows = np.arange(grid_h * grid_w) // grid_w
+  cols = np.arange(grid_h * grid_w) % grid_w
+  top, bottom = rows / grid_h, (rows + 1) / grid_h
+  left, right = cols / grid_w, (cols + 1) / grid_w
+  for i, (words, truth) in enumerate(zip(tokens, objects)):
+    alpha = None
+    if alphas is not None:
+      alpha = np.asarray(alphas[i])
+      if (alpha.ndim != 2 or alpha.shape[1] != grid_h * grid_w or
+          alpha.shape[0] < len(words)):
+        raise ValueError(
+            f"Attention of shape {alpha.shape} does not fit {len(words)} "
+            f"words on a {grid_h}x{grid_w} grid; pass [T >= words, H * W] per "
+            "caption.")
+    boxes = collections.defaultdict(list)
+    for o in truth:
+      key = (_name(o["color"], shapes_words.COLORS),
+             _name(o["shape"], shapes_words.SHAPES))
+      boxes[key].append(np.asarray(o["bbox"], dtype=np.float64))
+    for t, color, shape in _mentions(list(words)):
+      if (color, shape) not in boxes:
+        continue
+      on_shape = np.zeros(grid_h * grid_w, bool)
+      for ymin, xmin, ymax, xmax in boxes[(color, shape)]:
+        on_shape |= ((top < ymax) & (bottom > ymin) & (left < xmax)
+                     & (right > xmin))
+      yield on_shape, None if alpha is None else alpha[t]
+
+
 def attention_grounding(
     tokens: Sequence[Sequence[str]],
     alphas: Sequence[np.ndarray],
@@ -340,28 +427,32 @@ def attention_grounding(
     raise ValueError(f"Got {len(tokens)} captions, {len(alphas)} attention "
                      f"maps and {len(objects)} object lists; pass one of each "
                      "per image.")
-  grid_h, grid_w = grid_hw
-  counted = grounded = 0
-  for words, alpha, truth in zip(tokens, alphas, objects):
-    alpha = np.asarray(alpha)
-    if (alpha.ndim != 2 or alpha.shape[1] != grid_h * grid_w or
-        alpha.shape[0] < len(words)):
-      raise ValueError(
-          f"Attention of shape {alpha.shape} does not fit {len(words)} words "
-          f"on a {grid_h}x{grid_w} grid; pass [T >= words, H * W] per caption.")
-    boxes = collections.defaultdict(list)
-    for o in truth:
-      key = (_name(o["color"], shapes_words.COLORS),
-             _name(o["shape"], shapes_words.SHAPES))
-      boxes[key].append(np.asarray(o["bbox"], dtype=np.float64))
-    for t, color, shape in _mentions(list(words)):
-      if (color, shape) not in boxes:
-        continue
-      counted += 1
-      row, col = divmod(int(np.argmax(alpha[t])), grid_w)
-      top, bottom = row / grid_h, (row + 1) / grid_h
-      left, right = col / grid_w, (col + 1) / grid_w
-      if any(top < ymax and bottom > ymin and left < xmax and right > xmin
-             for ymin, xmin, ymax, xmax in boxes[(color, shape)]):
-        grounded += 1
-  return grounded / counted if counted else 0.0
+  hits = [bool(on_shape[np.argmax(alpha)]) for on_shape, alpha in
+          _grounding_cells(tokens, alphas, objects, grid_hw)]
+  return float(np.mean(hits)) if hits else 0.0
+
+
+def grounding_chance(
+    tokens: Sequence[Sequence[str]],
+    objects: Sequence[Sequence[Mapping[str, Any]]],
+    grid_hw: tuple[int, int],
+) -> float:
+  """`attention_grounding` of a peak cell drawn uniformly at random.
+
+  The expectation, not a draw: the mean over the counted mentions of the
+  share of grid cells that lie on the named shape. Large shapes on a coarse
+  grid are hit often by chance; this is the baseline a grounding score is
+  read against.
+
+  Args:
+    tokens, objects, grid_hw: as for `attention_grounding`.
+
+  Returns:
+    The expected grounded share in [0, 1] (0.0 when nothing counts).
+  """
+  if len(tokens) != len(objects):
+    raise ValueError(f"Got {len(tokens)} captions and {len(objects)} object "
+                     "lists; pass one of each per image.")
+  shares = [on_shape.mean() for on_shape, _ in
+            _grounding_cells(tokens, None, objects, grid_hw)]
+  return float(np.mean(shares)) if shares else 0.0

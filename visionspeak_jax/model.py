@@ -198,7 +198,7 @@ def decode_dtype(name: str) -> Any:
   """A `decode_dtype` name as a matmul dtype (None for float32).
 
   Raises:
-    ValueError: for a name other than "float32" or "bfloat16".
+    errors.ConfigError: for a name other than "float32" or "bfloat16".
   """
   if name not in DTYPES:
     raise errors.ConfigError(
@@ -225,7 +225,7 @@ def decoding_weights(decoder_params: dict[str, Any], dtype_name: str,
       most likely region.
 
   Raises:
-    ValueError: for an unknown `dtype_name`.
+    errors.ConfigError: for an unknown `dtype_name`.
   """
   return _decoding_weights(decoder_params, decode_dtype(dtype_name),
                            attention)

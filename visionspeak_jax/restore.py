@@ -61,9 +61,8 @@ def restore_checkpoint(directory: str, step: int | None = None) -> Run:
       f"No checkpoint in {directory}: point at a finished run's workdir, or "
       "train one first with visionspeak_jax.main.")
   if not epath.Path(directory).is_dir():
-    # Checked first: opening a Checkpointer creates the directory, which a
-    # mistyped path should not.
     raise no_checkpoint
+  # Read-only: the run may be training now, its next save in flight.
   ckpt = checkpoint_lib.Checkpointer(directory)
 
   def read(step: int) -> Run:
@@ -85,8 +84,9 @@ def restore_checkpoint(directory: str, step: int | None = None) -> Run:
   except Exception as e:  # pylint: disable=broad-except
     # Orbax reports a damaged or mismatched checkpoint in many ways; the
     # user's remedy is the same.
+    which = "checkpoints" if step is None else f"checkpoint of step {step}"
     raise CheckpointError(
-        f"The checkpoint of step {step} in {directory} cannot be restored "
+        f"The {which} in {directory} cannot be restored "
         f"({checkpoint_lib.describe_failure(e)}): use another saved step, or "
         "train again with this version.") from e
   finally:

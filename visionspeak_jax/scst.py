@@ -18,8 +18,9 @@ One step is three parts:
 1. on the devices (pmapped): the features, K samples per image (and the
    greedy captions for that baseline);
 2. on the host: the rewards. CIDEr-D is a bag of n-gram dictionaries, a poor
-   fit for an accelerator; on the host it costs a few milliseconds for a
-   batch (benchmarks/cider.py), each process scores its own images against
+   fit for an accelerator; on the host it is cheap for a batch
+   (benchmarks/cider.py), each process scores its own images against every
+   reference of each image (looked up by the batch's image ids, uncut) and
    the document frequencies of the whole training split, and the samples
    are small integer arrays;
 3. on the devices (pmapped): the policy-gradient update. The samples'
@@ -56,45 +57,80 @@ from visionspeak_jax import vocabulary as vocab_lib
 
 BASELINES = ("mean", "greedy")
 OBJECTIVES = ("xe", "scst")
-# The document frequencies of the training references, saved in WORKDIR.
-DF_FILE = "cider_df.npz"
+
+# A caption as CIDEr-D reads it: word ids (and EOS, see `words`).
+Caption = tuple[int, ...]
 
 
-def words(tokens: Iterable[int]) -> tuple[int, ...]:
-  """Token ids up to the first EOS, without BOS and PAD: what CIDEr reads."""
+def df_file(config: ml_collections.ConfigDict) -> str:
+  """The file in WORKDIR that keeps the run's document frequencies."""
+  return "cider_df_eos.npz" if config.scst.cider_eos else "cider_df.npz"
+
+
+def words(tokens: Iterable[int], *, eos: bool) -> Caption:
+  """What CIDEr-D reads of a token row: the ids up to the first EOS.
+
+  Args:
+    tokens: a token row; BOS and PAD are dropped.
+    eos: keep the EOS itself, as the last token (a row without one, cut by
+      the length limit, ends without it).
+  """
   out = []
   for t in tokens:
     t = int(t)
     if t == vocab_lib.EOS_ID:
+      if eos:
+        out.append(t)
       break
     if t not in (vocab_lib.PAD_ID, vocab_lib.BOS_ID):
       out.append(t)
   return tuple(out)
 
 
+def training_references(references: Iterable[tuple[int, Sequence[str]]],
+                        vocab: vocab_lib.Vocabulary, *, eos: bool
+                        ) -> dict[int, list[Caption]]:
+  """Every training image's references as CIDEr-D reads them, by image id.
+
+  All of an image's references, each whole: the reference code
+  (ruotianluo/self-critical.pytorch) scores against every caption of the
+  image, and its document frequencies count the full captions.
+
+  Args:
+    references: (image id, reference captions) of each training image
+      (`data.DataSource.references`).
+    vocab: the run's vocabulary (the samples' tokens).
+    eos: end every reference with EOS (`config.scst.cider_eos`).
+
+  Returns:
+    image id -> its references; an image whose references have no words
+    keeps one empty reference (every sample then scores 0).
+  """
+  end = (vocab_lib.EOS_ID,) if eos else ()
+  out = {}
+  for image_id, texts in references:
+    refs = [tuple(ids) + end for ids in map(vocab.encode, texts) if ids]
+    out[int(image_id)] = refs or [()]
+  return out
+
+
 def document_frequencies(config: ml_collections.ConfigDict, workdir: str,
-                         references: Iterable[Sequence[str]],
-                         vocab: vocab_lib.Vocabulary
+                         references: dict[int, list[Caption]]
                          ) -> cider.DocumentFrequencies:
   """The run's CIDEr-D document frequencies: loaded, or built and saved.
 
-  Built once from the training split's references (as word ids of the
-  run's vocabulary, the tokens the samples are made of) and kept in
-  WORKDIR, so a resumed run scores with the same statistics.
+  Built once from the training split's references (`training_references`)
+  and kept in WORKDIR, so a resumed run scores with the same statistics.
 
   Args:
     config: the run config.
     workdir: the run's directory.
-    references: each training image's reference captions (called only
-      when the file is not there yet).
-    vocab: the run's vocabulary.
+    references: `training_references` of the training split.
   """
-  del config  # The statistics depend on the data and the vocabulary only.
-  path = os.path.join(workdir, DF_FILE)
+  path = os.path.join(workdir, df_file(config))
   if epath.Path(path).exists():
     return cider.DocumentFrequencies.load(path)
-  df = cider.DocumentFrequencies.build(
-      [[tuple(vocab.encode(c)) for c in refs] for refs in references])
+  df = cider.DocumentFrequencies.build(list(references.values()))
   if jax.process_index() == 0:
     df.save(path)
   logging.info("CIDEr-D document frequencies of %d training images.",
@@ -240,15 +276,27 @@ class SelfCriticalStep:
   """`step.compile_steps`'s train step for `config.objective == "scst"`.
 
   Called as the cross-entropy step is, `(state, batch, rng) -> (state,
-  metrics)`, with device-sharded batches that also hold `references`
-  [devices, b, N, T + 2] (see `input_pipeline.sample_captions`).
+  metrics)`, with device-sharded batches that also hold `image_id`
+  [devices, b] (see `input_pipeline.sample_captions`): the rewards score
+  against the references of those images.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                df: cider.DocumentFrequencies,
+               references: dict[int, list[Caption]],
                devices: list[jax.Device] | None = None):
+    """The step.
+
+    Args:
+      config: the run config.
+      df: the training split's document frequencies
+        (`document_frequencies`).
+      references: `training_references` of the training split.
+      devices: the devices to run on (default: all local ones).
+    """
     self.config = config
     self.scorer = cider.CiderD(df)
+    self.references = references
     self.p_sample = jax.pmap(
         functools.partial(sample_step, config=config), axis_name="batch",
         in_axes=(None, None, 0, None, None), devices=devices)
@@ -258,15 +306,13 @@ class SelfCriticalStep:
         donate_argnums=(0,) if jax.process_count() == 1 else (),
         devices=devices)
 
-  def rewards(self, candidates: np.ndarray, references: np.ndarray
+  def rewards(self, candidates: np.ndarray, image_ids: np.ndarray
               ) -> np.ndarray:
-    """CIDEr-D of [n * K, L] candidates against [n, N, T] references."""
-    k = len(candidates) // len(references)
-    # An image whose references are all empty (a caption of punctuation
-    # only) keeps one empty reference: every sample then scores 0.
-    refs = [[r for r in (words(row) for row in image) if r] or [()]
-            for image in references]
-    return self.scorer.score([words(c) for c in candidates], refs,
+    """CIDEr-D of [n * K, L] candidates (K per image) of n images' ids."""
+    k = len(candidates) // len(image_ids)
+    refs = [self.references[int(i)] for i in image_ids]
+    eos = self.config.scst.cider_eos
+    return self.scorer.score([words(c, eos=eos) for c in candidates], refs,
                              np.repeat(np.arange(len(refs)), k))
 
   def __call__(self, state: state_lib.TrainState, batch: dict[str, Any],
@@ -278,21 +324,17 @@ class SelfCriticalStep:
     out = self.p_sample(state.params, state.batch_stats, inputs, state.step,
                         rng)
     samples = np.asarray(out["samples"])  # [D, b * K, L]
-    references = np.asarray(batch["references"])  # [D, b, N, T + 2]
-    devices, b = references.shape[:2]
-    rewards = self.rewards(samples.reshape(devices * b * k, -1),
-                           references.reshape((devices * b,)
-                                              + references.shape[2:]))
-    rewards = rewards.reshape(devices * b, k)
+    image_ids = np.asarray(batch["image_id"]).reshape(-1)  # [D * b]
+    rewards = self.rewards(samples.reshape(image_ids.size * k, -1),
+                           image_ids).reshape(image_ids.size, k)
     greedy = None
     if "greedy" in out:
-      greedy = self.rewards(np.asarray(out["greedy"]).reshape(devices * b, -1),
-                            references.reshape((devices * b,)
-                                               + references.shape[2:]))
+      greedy = self.rewards(
+          np.asarray(out["greedy"]).reshape(image_ids.size, -1), image_ids)
     adv = advantages(rewards, greedy).astype(np.float32)
     state, metrics = self.p_update(
         state, {**inputs, "tokens": batch["tokens"], "samples": out["samples"],
-                "advantages": adv.reshape(devices, b * k)})
+                "advantages": adv.reshape(samples.shape[:2])})
     metrics = dict(metrics, reward=float(rewards.mean()))
     if greedy is not None:
       metrics["greedy_reward"] = float(greedy.mean())

@@ -86,13 +86,18 @@ def evaluate(p_predict, state: state_lib.TrainState,
                  references[image_id][0])
   results = metrics_lib.caption_metrics(references, predictions,
                                         use_java=config.metrics_use_java)
-  if any(objects):
+  results["function_word_endings"] = metrics_lib.function_word_endings(
+      list(predictions.values()))
+  if source.has_objects:
     results.update(metrics_lib.content_f1(
         [" ".join(w) for w in words],
         [[(o["color"], o["shape"]) for o in objs] for objs in objects]))
-    grid = int(round(np.sqrt(alphas[0].shape[-1])))
+    grid = model.grid(config)
     results["grounding"] = metrics_lib.attention_grounding(
-        words, alphas, objects, (grid, grid))
+        words, alphas, objects, grid)
+    # What a peak cell drawn at random would score on the same images.
+    results["grounding_chance"] = metrics_lib.grounding_chance(
+        words, objects, grid)
   results["num_images"] = len(predictions)
   return results
 
@@ -169,13 +174,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       config.max_checkpoints_to_keep)
+    # Only the lock holder writes (and cleans up) a run's checkpoints.
+    ckpt = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), write=True,
+        max_to_keep=config.max_checkpoints_to_keep)
     best_ckpt = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "best"), 1, best_metric=config.best_metric)
+        os.path.join(workdir, "best"), write=True, max_to_keep=1,
+        best_metric=config.best_metric)
     try:
-      # METEOR's JVM loads while the run trains, once for all evaluations.
-      with metrics_lib.shared_meteor():
+      # METEOR's JVM loads while the run trains, once for all evaluations
+      # (and only where METEOR will be scored).
+      with metrics_lib.shared_meteor(config.metrics_use_java):
         return _train(config, workdir, ckpt, best_ckpt)
     finally:
       for c in (ckpt, best_ckpt):
@@ -191,6 +200,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   """The body of `train_and_evaluate`, inside its lock."""
   source = data.create(config, workdir)
   logging.info("Data: %s.", source.description)
+  config_checks.check_best_metric(config, source.has_objects)
   vocab, state = _start(config, workdir, source, ckpt)
   logging.info("Vocabulary: %d words.", len(vocab))
   state = step_lib.place_state(state)  # Else the second step compiles again.
@@ -203,8 +213,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   p_train_step, p_predict = step_lib.compile_steps(config)
   if config.objective == "scst":
-    p_train_step = scst.SelfCriticalStep(config, scst.document_frequencies(
-        config, workdir, source.references(config.train_split), vocab))
+    references = scst.training_references(
+        source.references(config.train_split), vocab,
+        eos=config.scst.cider_eos)
+    p_train_step = scst.SelfCriticalStep(
+        config, scst.document_frequencies(config, workdir, references),
+        references)
   else:
     p_train_step = step_lib.tuned_for_cpu(p_train_step)
   num_devices = jax.local_device_count()
