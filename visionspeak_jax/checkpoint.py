@@ -8,7 +8,6 @@ rebuild the model and caption images.
 """
 
 import logging as pylogging
-import os
 import sys
 import traceback
 from typing import Any, Callable, TypeVar
