@@ -19,7 +19,7 @@ Prints one table with these sections:
   python benchmarks/benchmark.py --batch_size=64 --beam_sizes=5
 
 XLA flags go in the environment, before the run, and are printed in the
-table's header with those every run adds (`runtime.CPU_XLA_FLAGS`; see
+table's header with those every run adds (`cpu_tuning.CPU_XLA_FLAGS`; see
 benchmarks/README.md):
 
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/benchmark.py
@@ -41,10 +41,10 @@ from typing import Any, Callable, NamedTuple
 # level up. Appended, so an installed package or PYTHONPATH comes first.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from visionspeak_jax import huge_pages
+from visionspeak_jax.platform import cpu_tuning
 
 if __name__ == "__main__":  # First, before JAX: this may start it again.
-  huge_pages.reexec(__file__)
+  cpu_tuning.reexec(__file__)
 
 from absl import app
 from absl import flags
@@ -58,16 +58,15 @@ import optax
 
 from configs import coco
 from configs import coco_finetune
-from visionspeak_jax import decoder
-from visionspeak_jax import decoding
-from visionspeak_jax import fast_decoder
-from visionspeak_jax import model
-from visionspeak_jax import optimizer as optimizer_lib
-from visionspeak_jax import resnet
-from visionspeak_jax import runtime
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
-from visionspeak_jax import vocabulary
+from visionspeak_jax.models import captioner
+from visionspeak_jax.models import decoder
+from visionspeak_jax.models import decoding
+from visionspeak_jax.models import fast_decoder
+from visionspeak_jax.models import resnet
+from visionspeak_jax.text import vocabulary
+from visionspeak_jax.training import optimizer as optimizer_lib
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 # pylint: enable=g-import-not-at-top
 
 # The end-to-end variants: the config module that sets each one's encoder
@@ -324,22 +323,20 @@ def random_tokens(rng: np.random.RandomState, batch: int, length: int,
 def make_train_step(optimizer: optax.GradientTransformation,
                     dropout_rate: float, alpha_c: float,
                     dtype: Any = None) -> Callable[..., Any]:
-  """The decoder half of train.py's step: loss, grads, optax update.
+  """The decoder half of the training step: its loss, grads, optax update.
 
   `dtype` is `teacher_forced`'s matmul input dtype: None (float32) or
   bfloat16 for `config.dtype="bfloat16"`'s mixed precision.
   """
 
   def loss_fn(params, features, tokens, rng):
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T + 1] -> [B, T]
-    mask = (targets != vocabulary.PAD_ID).astype(jnp.float32)
+    # [B, T + 1] -> [B, T] each.
+    inputs, targets, mask = step_lib.split_tokens(tokens)
     logits, alphas, _ = fast_decoder.teacher_forced(
         params, features, inputs, dropout_rate=dropout_rate, rng=rng,
         dtype=dtype)
     terms = decoder.loss_terms(logits, targets, mask, alphas)
-    return (terms["xent_sum"] / jnp.maximum(terms["tokens"], 1.0)
-            + alpha_c * terms["attention_sum"]
-            / jnp.maximum(terms["captions"], 1.0))
+    return decoder.loss(terms, alpha_c, terms["tokens"], terms["captions"])
 
   def train_step(params, opt_state, features, tokens, rng):
     loss, grads = jax.value_and_grad(loss_fn)(params, features, tokens, rng)
@@ -379,19 +376,19 @@ def time_recurrence(params: Params, features: jax.Array, length: int,
   fused = fast_decoder.fused_weights(params)
   features_proj = decoder.project_features(params, features)
   carry = decoder.init_state(params, features)
-  attention_dim, gate_dim = fast_decoder._dims(fused.small)
+  attention_dim, gate_dim = fast_decoder._dims(fused.vectors)
   z_emb = jax.random.normal(jax.random.key(0),
                             (length,) + carry[0].shape[:1]
                             + fused.lstm_b.shape)
 
-  def loss(w_h, w_ctx, small, features_proj, z_emb):
+  def loss(w_h, w_ctx, vectors, features_proj, z_emb):
     hs, contexts, alphas, _ = fast_decoder._recurrence(
-        attention_dim, gate_dim, w_h, w_ctx, small, features, features_proj,
+        attention_dim, gate_dim, w_h, w_ctx, vectors, features, features_proj,
         z_emb, carry, None)
     return hs.sum() + contexts.sum() + (alphas ** 2).sum()
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-  args = (fused.w_h, fused.w_ctx, fused.small, features_proj, z_emb)
+  args = (fused.w_h, fused.w_ctx, fused.vectors, features_proj, z_emb)
   jax.block_until_ready(grad(*args))  # Compile and warm up.
   return _seconds(lambda: grad(*args), repeats)[0]
   # pylint: enable=protected-access
@@ -515,17 +512,17 @@ def time_adam(optimizer: optax.GradientTransformation, params: Params,
 
 
 def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
-  """`model.beam_caption` on features, returning the final BeamState.
+  """`captioner.beam_caption` on features, returning the final BeamState.
 
-  Takes `model.decoding_weights` (built once per checkpoint, outside the
+  Takes `captioner.decoding_weights` (built once per checkpoint, outside the
   timed calls, as the caption CLI and evaluation do) and runs
-  `model.make_step_fn` (positions, initial state, features projected once
+  `captioner.make_step_fn` (positions, initial state, features projected once
   per image) and `decoding.beam_search_loop`, so the number of steps
   actually run can be read back.
   """
 
   def beam_fn(weights, features):
-    step_fn, state = model.make_step_fn(weights, features)
+    step_fn, state = captioner.make_step_fn(weights, features)
     return decoding.beam_search_loop(
         step_fn, state, features.shape[0], beam_size, max_length,
         bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
@@ -648,7 +645,7 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
       f"{steps} steps (best {best_s * 1e3:.0f} ms)")
   row("train tokens/s", f"{b * t / step_s:.0f}", f"B*T = {b * t} per step")
   row("minor page faults per step", f"{faults:.0f}",
-      "XLA's temporaries, mapped afresh at every call (huge_pages.py)")
+      "XLA's temporaries, mapped afresh at every call (cpu_tuning.py)")
   row("step GFLOP, analytic", f"{analytic / 1e9:.2f}",
       f"3 x {forward / 1e9:.2f} forward matmul GFLOP")
   row("step GFLOP, traced dot_generals", f"{traced / 1e9:.2f}",
@@ -745,7 +742,7 @@ def beam_section(*, sizes: dict[str, Any], beam_batch: int,
   step_flops = sum(per_step.values()) - once - word_rows
   images = beam_batch
   for dtype_name in decode_dtypes:
-    prepare = functools.partial(model.decoding_weights, params, dtype_name)
+    prepare = functools.partial(captioner.decoding_weights, params, dtype_name)
     weights = jax.block_until_ready(prepare())  # Compiles.
     prepare_s, _ = _seconds(prepare, 3)
     row(f"decoding weights, {dtype_name} (ms)", f"{prepare_s * 1e3:.0f}",
@@ -819,7 +816,7 @@ def time_coco_step(config: Any, params: Params, batch_stats: Any, *,
 
   Args:
     config: the run config (`coco_config`).
-    params: `model.init`'s parameters for `config` (copied, not consumed).
+    params: `captioner.init`'s parameters for `config` (copied, not consumed).
     batch_stats: and its BatchNorm statistics.
     vocab_size: V.
     steps: steps per timed repeat.
@@ -893,7 +890,7 @@ def coco_section(*, variants: list[str], dtypes: list[str],
                resnet_size=resnet_size)
   start = time.perf_counter()
   params, batch_stats = jax.block_until_ready(jax.jit(functools.partial(
-      model.init, config=coco_config(variants[0], dtypes[0], **sizes),
+      captioner.init, config=coco_config(variants[0], dtypes[0], **sizes),
       vocab_size=vocab_size))(jax.random.key(seed)))
   row("coco random init (s)", f"{time.perf_counter() - start:.1f}",
       "model.init, jitted; once for all variants")
@@ -951,7 +948,7 @@ def pipeline_section(*, dataset: str, data_dir: str, batches: int,
     # pylint: disable=g-import-not-at-top
     import tensorflow as tf
     import tensorflow_datasets as tfds
-    from visionspeak_jax import input_pipeline
+    from visionspeak_jax.data import input_pipeline
     # pylint: enable=g-import-not-at-top
   except ImportError as e:
     print(f"  input pipeline: skipped, {e.name} is not installed", flush=True)
@@ -1009,7 +1006,7 @@ def main(argv):
   del argv
   # The table is the output: TFDS's progress lines would break it up.
   logging.set_verbosity(logging.WARNING)
-  runtime.set_cpu_xla_flags()  # As a run has them (printed below).
+  cpu_tuning.set_cpu_xla_flags()  # As a run has them (printed below).
   sizes = dict(batch=_BATCH.value, length=_LENGTH.value,
                regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
                vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
@@ -1022,7 +1019,7 @@ def main(argv):
         f"{jax.device_count()} ({jax.local_device_count()} local), "
         f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {load:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"{huge_pages.describe()}")
+        f"{cpu_tuning.describe()}")
   print(f"decoder sizes: B={_BATCH.value} T={_LENGTH.value} "
         f"R={_REGIONS.value} C={_FEATURE_DIM.value} V={_VOCAB.value} "
         f"E={_EMBED.value} H={_HIDDEN.value} A={_ATTENTION.value} "
@@ -1034,7 +1031,7 @@ def main(argv):
   n = _PEAK_SIZE.value or (2048 if device.platform == "cpu" else 8192)
   peaks = {}
   for dtype_name in ("float32", "bfloat16"):
-    peaks[dtype_name] = matmul_peak(n, dtype=model.DTYPES[dtype_name]
+    peaks[dtype_name] = matmul_peak(n, dtype=captioner.DTYPES[dtype_name]
                                     or jnp.float32)
     row(f"matmul peak {dtype_name} (GFLOP/s)", f"{peaks[dtype_name]:.1f}",
         f"[{n},{n}]@[{n},{n}], float32 sums, best of 10")

@@ -3,8 +3,8 @@
   python benchmarks/caption_shapes.py WORKDIR OUT_DIR
 
 WORKDIR is a finished default run (configs/shapes.py). Writes the 64 test
-images as PNG files under OUT_DIR/images, runs `visionspeak_jax.caption` on
-them greedily and with beam 5, with float32 and with bfloat16 decoding
+images as PNG files under OUT_DIR/images, runs `visionspeak_jax.tools.caption`
+on them greedily and with beam 5, with float32 and with bfloat16 decoding
 (`--decode_dtype`; figures of the float32 beam-5 run go to OUT_DIR/figures),
 and prints the content F1 of each and how many bfloat16 captions equal the
 float32 ones. Then it times `caption.caption_arrays` at batch 64.
@@ -22,10 +22,10 @@ import tensorflow_datasets as tfds
 
 # Run from a checkout: the package sits one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from visionspeak_jax import caption  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import metrics  # pylint: disable=g-import-not-at-top
-from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
+from visionspeak_jax.data import images as images_lib
+from visionspeak_jax.data.datasets import shapes
+from visionspeak_jax.evaluation import metrics
+from visionspeak_jax.tools import caption
 
 NUM_IMAGES = 64
 DTYPES = ("float32", "bfloat16")
@@ -49,8 +49,8 @@ def write_images(out: str) -> dict[str, list[tuple[str, str]]]:
 
 def run_cli(workdir: str, paths: list[str], beam: int, dtype: str,
             figures: str | None) -> dict[str, str]:
-  """{path: caption} from `python -m visionspeak_jax.caption --json`."""
-  command = [sys.executable, "-m", "visionspeak_jax.caption",
+  """{path: caption} from `python -m visionspeak_jax.tools.caption --json`."""
+  command = [sys.executable, "-m", "visionspeak_jax.tools.caption",
              f"--workdir={workdir}", f"--beam_size={beam}",
              f"--batch_size={NUM_IMAGES}", f"--decode_dtype={dtype}", "--json"]
   if figures:

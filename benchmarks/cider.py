@@ -36,7 +36,7 @@ from pycocoevalcap.cider.cider import Cider
 
 # Run from a checkout: the package sits one level up.
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from visionspeak_jax import cider  # pylint: disable=g-import-not-at-top
+from visionspeak_jax.evaluation import cider
 
 _IMAGES = flags.DEFINE_integer("images", 64, "Images per batch.")
 _SAMPLES = flags.DEFINE_integer("samples", 5, "Samples (K) per image.")
@@ -95,7 +95,7 @@ def _perturb(rng: np.random.Generator, words: list[Any],
 
 def shapes_batch(rng: np.random.Generator):
   """(training references, batch references, samples) of shapes words."""
-  from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax.data.datasets import shapes
 
   def captions(split, n):
     return [[c.split() for c in shapes.generate_example(

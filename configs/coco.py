@@ -2,9 +2,9 @@
 
 The paper's recipe: 224 px images through an ImageNet-pretrained ResNet-101
 (7x7 regions of 2048 channels) that stays frozen, and the attention LSTM
-trained on top in bfloat16 mixed precision. Weights: README, "Pretrained
-weights". COCO is not downloaded by training: prepare it once with TFDS
-(about 20 GB), then train, e.g. on 8 GPUs:
+trained on top in bfloat16 mixed precision. Weights: docs/cached_features.md
+("Pretrained ResNet weights"). COCO is not downloaded by training: prepare
+it once with TFDS (about 20 GB), then train, e.g. on 8 GPUs:
 
   tfds build coco_captions/2014 --data_dir=$HOME/tensorflow_datasets
   python -m visionspeak_jax.main --config=configs/coco.py:8 \

@@ -4,7 +4,8 @@ The paper's way and the fastest on one accelerator: a frozen ImageNet
 ResNet-101 runs once over the Karpathy splits, and the decoder then trains on
 its 7x7x2048 features without touching an image:
 
-  python -m visionspeak_jax.extract_features --config=configs/coco_cached.py:1 \
+  python -m visionspeak_jax.tools.extract_features \
+      --config=configs/coco_cached.py:1 \
       --workdir=$HOME/sat-coco-features \
       --config.data_dir=$HOME/tensorflow_datasets \
       --config.model.pretrained_path=$HOME/resnet101.safetensors

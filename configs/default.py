@@ -53,8 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.require_pretrained = False
   # "soft": the paper's deterministic attention (alpha-weighted context);
   # "hard": its stochastic attention, one sampled region per word in
-  # training (see visionspeak_jax/hard_attention.py), the most likely region
-  # in decoding.
+  # training (see visionspeak_jax/training/hard_attention.py), the most
+  # likely region in decoding.
   config.model.attention = "soft"
   # Weight of the doubly stochastic attention penalty sum_r (1 - sum_t
   # alpha_tr)^2, a mean per caption, against the cross-entropy's mean per
@@ -80,14 +80,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.hard_attention.entropy_weight = 0.032
   # Decay of the moving-average reward baseline (the paper: 0.9).
   config.hard_attention.baseline_decay = 0.9
-  # How a hard attention model decodes: "argmax" reads the most likely
-  # region (attention maps are one-hot), "expected" the alpha-weighted
-  # context (the paper's code offers both).
-  config.hard_attention.decoding = "argmax"
+  # How a hard attention model decodes: "hard" reads the most likely region
+  # (attention maps are one-hot), "soft" the alpha-weighted context (the
+  # paper's code offers both).
+  config.hard_attention.decoding = "hard"
 
-  # Where the inputs come from (see visionspeak_jax/data.py): "tfds" reads
-  # images of `dataset` and runs the ResNet on them; "feature_cache" reads
-  # features that visionspeak_jax.extract_features wrote once (the model
+  # Where the inputs come from (see visionspeak_jax/data/sources.py): "tfds"
+  # reads images of `dataset` and runs the ResNet on them; "feature_cache" reads
+  # features that visionspeak_jax.tools.extract_features wrote once (the model
   # then has no ResNet).
   config.data_source = "tfds"
   config.feature_cache_dir = ""  # Feature cache; "" = WORKDIR/features.
@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Training objective: "xe" (cross-entropy on the references) or "scst"
   # (self-critical: CIDEr-D rewards of sampled captions, see
-  # visionspeak_jax/scst.py), started from an "xe" run with init_from.
+  # visionspeak_jax/training/scst.py), started from an "xe" run with init_from.
   config.objective = "xe"
   config.scst = ml_collections.ConfigDict()
   config.scst.num_samples = 5  # K captions sampled per image and step.
@@ -133,8 +133,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0  # AdamW decoupled weight decay.
   config.grad_clip_norm = 5.0  # Global gradient norm clip; 0 disables.
   # Learning-rate multiplier per parameter subtree (see
-  # visionspeak_jax/optimizer.py); 0 freezes it: no gradient, no optimizer
-  # state, and a frozen encoder runs in inference mode.
+  # visionspeak_jax/training/optimizer.py); 0 freezes it: no gradient, no
+  # optimizer state, and a frozen encoder runs in inference mode.
   config.lr_mults = ml_collections.ConfigDict()
   config.lr_mults.encoder = 1.0  # The ResNet.
   config.lr_mults.decoder = 1.0  # The attention LSTM decoder.
@@ -160,7 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
   # set, wins. No effect on GPU or TPU devices.
   config.cpu_devices = 0
 
-  # Multi-host (see visionspeak_jax/distributed.py and launch/).
+  # Multi-host (see visionspeak_jax/platform/distributed.py and launch/).
   config.distributed = "auto"  # "auto" (SLURM/TPU pod detect), "yes", "no".
   config.coordinator_address = ""  # host:port of process 0, explicit clusters.
   config.num_processes = 0  # Processes in an explicit cluster.

@@ -3,7 +3,8 @@
 Nothing is downloaded; the shapes data is drawn on this machine the first
 time. Runs on two CPU cores (times in README.md's results table):
 
-  python -m visionspeak_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
+  python -m visionspeak_jax.main --config=configs/shapes.py \
+      --workdir=/tmp/shapes
 """
 
 from configs import default
@@ -16,10 +17,9 @@ def get_config():
   config.image_size = 64
   config.vocab_min_count = 1
   config.model.resnet_size = "tiny"
-  # Half the channels of the first version: the encoder's backward pass is
-  # most of a step on a CPU, and 16 channels (64-channel region features)
-  # train 1.7x faster per step to a better F1 in the same time
-  # (README, "Measured results").
+  # The encoder's backward pass is most of a step on a CPU: 16 channels
+  # (64-channel region features) train faster per step than 32, to a
+  # better F1 in the same time.
   config.model.resnet_width = 16
   config.model.resnet_stem = "small"  # 64 px -> an 8x8 grid of regions.
   config.model.embed_dim = 128
@@ -34,15 +34,14 @@ def get_config():
   # with which shape.
   config.alpha_c = 0.01
   config.batch_size = 32
-  # Under 5 minutes on a 2-core Intel Xeon with the quality line met; on
-  # that machine 3500, 3600 and 3800 steps gave content F1 0.973, 0.982 and
-  # 0.979 (README.md, "Measured results").
+  # The fewest steps that meet the quality line (README.md's results table)
+  # with some margin, so the run fits in about 5 minutes on 2 cores.
   config.num_train_steps = 3_600
   config.learning_rate = 2e-3
   config.warmup_steps = 200
   config.log_every_steps = 100
-  # Evaluate once, at the end (the validation and test splits, 6 s each):
-  # the training log every 100 steps shows the progress.
+  # Evaluate once, at the end (the validation and test splits): the
+  # training log every 100 steps shows the progress.
   config.eval_every_steps = 3_600
   config.checkpoint_every_steps = 1_000  # About once a minute.
   config.shuffle_buffer_size = 10_000  # The whole split: a full shuffle.

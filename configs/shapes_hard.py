@@ -2,7 +2,7 @@
 
 One sampled region per word in training (REINFORCE with a moving-average
 baseline, entropy bonus, the soft context for half the images; see
-visionspeak_jax/hard_attention.py), the most likely region in decoding:
+visionspeak_jax/training/hard_attention.py), the most likely region in decoding:
 
   python -m visionspeak_jax.main --config=configs/shapes_hard.py \
       --workdir=/tmp/shapes-hard
@@ -16,16 +16,16 @@ def get_config():
   config = shapes.get_config()
   config.model.attention = "hard"
   # A sampled region is a noisy context: hard attention learns more slowly
-  # than soft attention (README, "Hard attention").
+  # than soft attention (docs/hard_attention.md).
   config.num_train_steps = 5_000
   config.eval_every_steps = 2_500
   # The doubly stochastic penalty's gradient never reaches alpha in the
   # paper's code's stochastic model (hard_attention.py): hard runs need 0.
   config.alpha_c = 0.0
-  # Measured on this config (README, "Hard attention"): default.py's
-  # weights, the paper's code's at its batch of 16, leave alpha uniform
-  # here (the entropy bonus wins); a 16th of that bonus with REINFORCE a
-  # little under the code's grounds the words best.
+  # default.py's weights, the paper's code's at its batch of 16, leave
+  # alpha uniform on this set (the entropy bonus wins; docs/hard_attention.md
+  # has the measurements); a 16th of that bonus with REINFORCE a little
+  # under the code's grounds the words best.
   config.hard_attention.reinforce_weight = 1.5
   config.hard_attention.entropy_weight = 0.002
   return config

@@ -3,7 +3,8 @@
 Starts from a finished cross-entropy run of `configs/shapes.py` (its
 decoder, encoder and vocabulary) and optimises CIDEr-D of sampled captions:
 
-  python -m visionspeak_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
+  python -m visionspeak_jax.main --config=configs/shapes.py \
+      --workdir=/tmp/shapes
   python -m visionspeak_jax.main --config=configs/shapes_scst.py \
       --workdir=/tmp/shapes-scst --config.init_from=/tmp/shapes
 """
@@ -18,7 +19,7 @@ def get_config():
   config.scst.num_samples = 5
   config.scst.baseline = "mean"
   # The references' cross-entropy beside the reward: content F1 fell less
-  # with it (README, "Better captions: SCST").
+  # with it (docs/scst.md).
   config.scst.xe_weight = 1.0
   config.batch_size = 16  # x 5 samples: 80 captions per step.
   config.num_train_steps = 600

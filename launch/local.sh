@@ -4,7 +4,7 @@
 #   bash launch/local.sh [WORKDIR]            # the default shapes run
 #   NPROC=2 bash launch/local.sh [WORKDIR]    # 2 local processes on loopback
 #
-# One process uses every local device (each GPU, or the CPU as one device).
+# One process uses every local device (each GPU, or the CPU split into one device per core).
 # NPROC>1 starts that many processes, each with 2 fake CPU devices, talking
 # over 127.0.0.1: a rehearsal of a multi-host run on one machine.
 set -euo pipefail

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 
 def fake_batch(config, vocab_size, batch_size, seed=0):

@@ -14,7 +14,7 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 def tiny_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the generated `shapes_captions/tiny` set."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top,unused-import
+  from visionspeak_jax.data.datasets import shapes
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds.builder("shapes_captions/tiny", data_dir=data_dir).download_and_prepare()
   return data_dir

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 
 from configs import tiny
-from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import distributed
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.platform import distributed
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 GLOBAL_BATCH = 8
 VOCAB_SIZE = 20

@@ -7,37 +7,79 @@ import sys
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PACKAGE = "visionspeak_jax"
+# Bottom to top: a module may import its own layer and the layers below.
+_LAYERS = ("errors", "platform", "text", "models", "data", "evaluation",
+           "training", "run", "tools", "train", "main")
 # What must run where only jax/flax/optax/orbax/numpy/absl/ml_collections
 # exist (a stock JAX accelerator image): no TensorFlow, no TFDS.
-_TF_FREE = ("attention", "caption", "checkpoint", "cider", "decoder",
-            "decoding", "fast_decoder", "figures", "lstm", "metrics", "model",
-            "optimizer", "pretrained", "resnet", "restore", "scst",
-            "shapes_words", "state", "step", "vocabulary")
+_TF_FREE = ("data.datasets.shapes_words", "evaluation.cider",
+            "evaluation.metrics", "models.attention", "models.captioner",
+            "models.decoder", "models.decoding", "models.fast_decoder",
+            "models.lstm", "models.pretrained", "models.resnet",
+            "run.checkpoint", "run.figures", "run.restore", "text.vocabulary",
+            "tools.caption", "training.optimizer", "training.scst",
+            "training.state", "training.step")
+
+
+def _modules():
+  """{dotted name below the package: path} of every module."""
+  found = {}
+  top = os.path.join(_ROOT, _PACKAGE)
+  for directory, _, files in os.walk(top):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        dotted = os.path.relpath(path, top)[:-3].replace(os.sep, ".")
+        dotted = dotted.removesuffix("__init__").rstrip(".")
+        found[dotted] = path  # "" is the package's own __init__.
+  return found
 
 
 def _import_graph():
   """{module: modules of the package it imports, at any depth of the file}."""
+  modules = _modules()
   graph = {}
-  directory = os.path.join(_ROOT, _PACKAGE)
-  for name in sorted(os.listdir(directory)):
-    if not name.endswith(".py"):
-      continue
-    with open(os.path.join(directory, name)) as f:
+  for name, path in modules.items():
+    with open(path) as f:
       tree = ast.parse(f.read())
     deps = set()
     for node in ast.walk(tree):
-      if isinstance(node, ast.ImportFrom) and node.module == _PACKAGE:
-        deps |= {alias.name for alias in node.names}
-      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-          _PACKAGE + "."):
-        deps.add(node.module.split(".")[1])
-    graph[name[:-3]] = deps - {name[:-3]}
+      if isinstance(node, ast.ImportFrom) and node.level:
+        raise AssertionError(f"{name}: a relative import")
+      if isinstance(node, ast.ImportFrom) and (
+          node.module or "").startswith(_PACKAGE):
+        base = node.module[len(_PACKAGE) + 1:]
+        for alias in node.names:
+          full = f"{base}.{alias.name}" if base else alias.name
+          deps.add(full if full in modules else base)
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.startswith(_PACKAGE + "."):
+            deps.add(alias.name[len(_PACKAGE) + 1:])
+    graph[name] = deps - {name, ""}
   return graph
+
+
+def _layer(module: str) -> int:
+  return _LAYERS.index(module.split(".")[0])
+
+
+def test_every_module_has_a_layer():
+  unplaced = [m for m in _import_graph()
+              if m and m.split(".")[0] not in _LAYERS]
+  assert not unplaced, unplaced
+
+
+def test_dependencies_point_down():
+  upward = sorted(f"{m} imports {d}" for m, deps in _import_graph().items()
+                  if m for d in deps if _layer(d) > _layer(m))
+  assert not upward, upward
 
 
 def test_import_graph_has_no_cycle():
   graph = _import_graph()
-  assert {"train", "model", "data", "restore"} <= set(graph)
+  assert {"train", "models.captioner", "data.sources", "run.restore"} <= set(
+      graph)
   done, active = set(), []
 
   def visit(module):

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionspeak_jax import attention
-from visionspeak_jax import lstm
+from visionspeak_jax.models import attention
+from visionspeak_jax.models import lstm
 
 
 def test_attention_weights_sum_to_one_and_match_hand_computation():

@@ -40,6 +40,7 @@ def test_import_loads_no_tensorflow():
   assert _python("-c", code).stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_coco_step_rows():
   out = _python(
       _BENCHMARK, "--coco_resnet=tiny", "--coco_image_size=32",
@@ -60,6 +61,7 @@ def test_coco_step_rows():
   assert "2/device x 2" in out
 
 
+@pytest.mark.slow
 def test_decoder_step_rows():
   out = _python(
       _BENCHMARK, "--batch_size=4", "--length=3", "--regions=4",

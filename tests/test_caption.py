@@ -17,11 +17,11 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from visionspeak_jax import caption
 from visionspeak_jax import errors
-from visionspeak_jax import figures
-from visionspeak_jax import images as images_lib
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.data import images as images_lib
+from visionspeak_jax.run import figures
+from visionspeak_jax.text import vocabulary as vocab_lib
+from visionspeak_jax.tools import caption
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run_dir(tiny_data_dir, tmp_path_factory):
   """A workdir trained for two steps, whose dataset no longer exists."""
-  from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax import train
   root = tmp_path_factory.mktemp("caption")
   data_dir = str(root / "tfds")
   shutil.copytree(tiny_data_dir, data_dir)
@@ -126,7 +126,8 @@ def test_cli_captions_good_files_and_reports_bad_ones(run_dir, inputs,
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   # Greedy and a batch smaller than the file count: several padded batches.
   proc = subprocess.run(
-      [sys.executable, "-m", "visionspeak_jax.caption", f"--workdir={run_dir}",
+      [sys.executable, "-m", "visionspeak_jax.tools.caption",
+       f"--workdir={run_dir}",
        "--beam_size=1", "--batch_size=4", f"--output={output}"] + paths,
       cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
       check=False)
@@ -198,7 +199,7 @@ def test_load_image_modes(inputs):
 
 def test_load_image_matches_training_preprocessing(inputs):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from visionspeak_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax.data import input_pipeline
   for name in ("rgb.png", "rgb.jpg"):
     path = inputs[name][0]
     # The TFDS image feature decodes with tf.io.decode_image.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 _VOCAB = vocab_lib.Vocabulary.build(["a red circle"])
 

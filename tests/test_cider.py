@@ -5,8 +5,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 import pytest
 
-from visionspeak_jax import cider
-from visionspeak_jax import vocabulary
+from visionspeak_jax.evaluation import cider
+from visionspeak_jax.text import vocabulary
 
 _TOL = 1e-6
 
@@ -95,7 +95,7 @@ def test_one_image_corpus_equals_coco(name):
 
 
 def _shapes_captions(num_images):
-  from visionspeak_jax import shapes  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax.data.datasets import shapes
   return [
       shapes.generate_example(shapes.example_rng("validation", i),
                               shapes.example_id("validation", i))["captions"]

@@ -21,9 +21,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from visionspeak_jax import pretrained
-from visionspeak_jax import resnet
-from visionspeak_jax import restore
+from visionspeak_jax.models import pretrained
+from visionspeak_jax.models import resnet
+from visionspeak_jax.run import restore
+
+pytestmark = pytest.mark.slow
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few steps, every split's few images, a checkpoint and an evaluation at
@@ -118,7 +120,8 @@ def test_caption_cli_on_a_coco_sized_jpeg(coco_run, tmp_path):
   Image.fromarray(rng.randint(0, 256, (480, 640, 3), np.uint8)).save(
       image, quality=90)
   proc = subprocess.run(
-      [sys.executable, "-m", "visionspeak_jax.caption", f"--workdir={workdir}",
+      [sys.executable, "-m", "visionspeak_jax.tools.caption",
+       f"--workdir={workdir}",
        "--beam_size=3", "--json", str(image)], cwd=_ROOT, env=_env(),
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -142,7 +145,7 @@ def test_two_stage_recipes(coco_run, data_dir, weights, tmp_path):
   del coco_run  # Generated the data.
   features = str(tmp_path / "features")
   status, output = _run(
-      "extract_features", "configs/coco_cached.py:1", features,
+      "tools.extract_features", "configs/coco_cached.py:1", features,
       f"--config.data_dir={data_dir}", "--config.dataset=coco_rehearsal/tiny",
       f"--config.model.pretrained_path={weights}", "--config.batch_size=8",
       "--config.eval_batch_size=8")

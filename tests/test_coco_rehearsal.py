@@ -10,9 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import coco
-from visionspeak_jax import coco_rehearsal
-from visionspeak_jax import input_pipeline
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.data import input_pipeline
+from visionspeak_jax.data.datasets import coco_rehearsal
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 _COCO_SIZES = {(w, h) for w, h, _ in coco_rehearsal._IMAGE_SIZES}
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from configs import tiny
-from visionspeak_jax import config_checks
 from visionspeak_jax import errors
+from visionspeak_jax.run import config_checks
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ _BAD_VALUES = [
     ("max_decode_length", 0, "config.max_decode_length must be"),
     ("model.hidden_dim", -3, "config.model.hidden_dim must be"),
     ("learning_rate", -1e-3, "config.learning_rate must be a number >= 0"),
-    ("cpu_devices", -1, "config.cpu_devices must be a number >= 0"),
+    ("cpu_devices", -1, "config.cpu_devices must be a whole number >= 0"),
     ("lr_mults.encoder", -1.0, "config.lr_mults.encoder must be >= 0"),
     ("model.dropout_rate", 1.0, "config.model.dropout_rate must be in [0, 1)"),
     ("model.attention", "firm", "config.model.attention must be one of soft, "
@@ -138,13 +138,16 @@ def test_resume_with_another_model_names_the_fields():
 @pytest.mark.parametrize("args,says", [
     (["--config=configs/tiny.py", "--config.no_such_field=1"],
      "error: The config has no field 'no_such_field'"),
-    (["--config=configs/no_such_config.py"],
-     "error: Cannot load the --config file ([Errno 2] No such file"),
-    (["--config=configs/tiny.py", "--config.batch_size=0"],
-     "error: config.batch_size must be a whole number >= 1, got 0"),
-    (["--config=configs/tiny.py", "--config.cpu_devices=-2"],
-     "error: config.cpu_devices must be a whole number >= 0 (0: one device "
-     "per core), got -2"),
+    # Each case starts a process; the fast tier keeps one of them.
+    pytest.param(["--config=configs/no_such_config.py"],
+                 "error: Cannot load the --config file ([Errno 2] No such file",
+                 marks=pytest.mark.slow),
+    pytest.param(["--config=configs/tiny.py", "--config.batch_size=0"],
+                 "error: config.batch_size must be a whole number >= 1, got 0",
+                 marks=pytest.mark.slow),
+    pytest.param(["--config=configs/tiny.py", "--config.cpu_devices=-2"],
+                 "error: config.cpu_devices must be a whole number >= 0 (0: "
+                 "one device per core), got -2", marks=pytest.mark.slow),
 ])
 def test_main_prints_one_line_and_exits_non_zero(args, says, tmp_path):
   proc = subprocess.run(
@@ -179,7 +182,7 @@ def test_coco_configs_scale_with_the_accelerator_count(devices):
 
 def test_a_recipe_without_pretrained_weights_stops_in_one_sentence():
   from configs import coco  # pylint: disable=g-import-not-at-top
-  from visionspeak_jax import restore  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax.run import restore
   config = coco.get_config("1")
   with pytest.raises(errors.UserError) as e:
     restore.check_encoder_start(config, encoder=True, init_run=None)

@@ -1,5 +1,5 @@
-"""The CPU split into one JAX device per core (`runtime.split_cpu`) and the
-XLA:CPU flags every run sets (`runtime.set_cpu_xla_flags`)."""
+"""The CPU split into one JAX device per core (`cpu_tuning.split_cpu`) and the
+XLA:CPU flags every run sets (`cpu_tuning.set_cpu_xla_flags`)."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 from configs import shapes
 from visionspeak_jax import errors
-from visionspeak_jax import runtime
+from visionspeak_jax.platform import cpu_tuning
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_cpu_device_count(cores, batch, eval_batch, wanted, count):
   config = shapes.get_config()
   config.batch_size, config.eval_batch_size = batch, eval_batch
   config.cpu_devices = wanted
-  assert runtime.cpu_device_count(config, cores) == count
+  assert cpu_tuning.cpu_device_count(config, cores) == count
 
 
 def test_a_negative_count_is_one_sentence():
@@ -38,18 +38,18 @@ def test_a_negative_count_is_one_sentence():
                      match=r"^config.cpu_devices must be a whole number >= 0 "
                      r"\(0: one device per core\), got -1: fix "
                      r"--config.cpu_devices.$"):
-    runtime.cpu_device_count(config, 2)
+    cpu_tuning.cpu_device_count(config, 2)
 
 
 _CHILD = """
 import os, sys
 import jax
 from configs import shapes
-from visionspeak_jax import runtime
+from visionspeak_jax.platform import cpu_tuning
 config = shapes.get_config()
 config.cpu_devices = int(sys.argv[1])
-split = runtime.split_cpu(config)
-auto = runtime.cpu_device_count(config, len(os.sched_getaffinity(0)))
+split = cpu_tuning.split_cpu(config)
+auto = cpu_tuning.cpu_device_count(config, len(os.sched_getaffinity(0)))
 print(split, auto, jax.local_device_count(), jax.default_backend())
 """
 
@@ -81,31 +81,31 @@ def test_split_cpu_makes_the_devices_before_jax_starts():
 
 
 def test_xla_defines_its_flags_and_not_others():
-  for name, _ in runtime.CPU_XLA_FLAGS:
-    assert runtime.xla_defines(name)
-  assert runtime.xla_defines("xla_force_host_platform_device_count")
-  assert not runtime.xla_defines("xla_cpu_no_such_flag_anywhere")
+  for name, _ in cpu_tuning.CPU_XLA_FLAGS:
+    assert cpu_tuning.xla_defines(name)
+  assert cpu_tuning.xla_defines("xla_force_host_platform_device_count")
+  assert not cpu_tuning.xla_defines("xla_cpu_no_such_flag_anywhere")
   # A flag's name only in part is not a flag.
-  assert not runtime.xla_defines("xla_cpu_enable_concurrency")
+  assert not cpu_tuning.xla_defines("xla_cpu_enable_concurrency")
 
 
 def test_set_cpu_xla_flags_adds_only_what_is_missing(monkeypatch):
-  ours = [f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS]
+  ours = [f"--{name}={value}" for name, value in cpu_tuning.CPU_XLA_FLAGS]
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  assert runtime.set_cpu_xla_flags() == ours
+  assert cpu_tuning.set_cpu_xla_flags() == ours
   assert os.environ["XLA_FLAGS"] == " ".join(ours)
-  assert runtime.set_cpu_xla_flags() == []  # Once is enough.
+  assert cpu_tuning.set_cpu_xla_flags() == []  # Once is enough.
   # The user's own flags stay; theirs wins where they name one of ours.
-  first = runtime.CPU_XLA_FLAGS[0][0]
+  first = cpu_tuning.CPU_XLA_FLAGS[0][0]
   given = f"--xla_cpu_enable_fast_math=false --{first}=true"
   monkeypatch.setenv("XLA_FLAGS", given)
-  assert runtime.set_cpu_xla_flags() == ours[1:]
+  assert cpu_tuning.set_cpu_xla_flags() == ours[1:]
   assert os.environ["XLA_FLAGS"] == " ".join([given, *ours[1:]])
   # A flag this jaxlib does not have would end the process: left out.
-  monkeypatch.setattr(runtime, "CPU_XLA_FLAGS",
-                      (("xla_cpu_gone", "1"), *runtime.CPU_XLA_FLAGS[1:]))
+  monkeypatch.setattr(cpu_tuning, "CPU_XLA_FLAGS",
+                      (("xla_cpu_gone", "1"), *cpu_tuning.CPU_XLA_FLAGS[1:]))
   monkeypatch.delenv("XLA_FLAGS")
-  assert runtime.set_cpu_xla_flags() == ours[1:]
+  assert cpu_tuning.set_cpu_xla_flags() == ours[1:]
   assert os.environ.get("XLA_FLAGS", "") == " ".join(ours[1:])
 
 
@@ -115,9 +115,9 @@ _SCHEDULE_CHILD = """
 import sys
 import jax
 import jax.numpy as jnp
-from visionspeak_jax import runtime
+from visionspeak_jax.platform import cpu_tuning
 if sys.argv[1] == "set":
-  runtime.set_cpu_xla_flags()
+  cpu_tuning.set_cpu_xla_flags()
 
 def chains(x, y, w):
   return jnp.tanh(x @ w) @ w, jnp.tanh(y @ w) @ w

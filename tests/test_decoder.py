@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionspeak_jax import attention
-from visionspeak_jax import decoder
-from visionspeak_jax import fast_decoder
+from visionspeak_jax.models import attention
+from visionspeak_jax.models import decoder
+from visionspeak_jax.models import fast_decoder
 
 
 def _params(gate="vector", deep_output=True, vocab=11, num_regions=0):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionspeak_jax import decoding
+from visionspeak_jax.models import decoding
 
 PAD, BOS, EOS, A, B, C, D = range(7)
 V = 7

@@ -27,9 +27,11 @@ from PIL import Image
 import pytest
 
 from configs import tiny
-from visionspeak_jax import caption
-from visionspeak_jax import demo
-from visionspeak_jax import shapes
+from visionspeak_jax.data.datasets import shapes
+from visionspeak_jax.tools import caption
+from visionspeak_jax.tools import demo
+
+pytestmark = pytest.mark.slow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A training image of the fixture's run with one large object: 600 steps on
@@ -76,7 +78,7 @@ def run_dir(tiny_data_dir, tmp_path_factory):
   _browser_paths()  # No minute of training when the test will not run.
   _module("gradio")
   _module("selenium")
-  from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax import train
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
   # Measured on two cores: 64 px (the shapes run's size; at 32 px shapes
@@ -317,7 +319,7 @@ def test_command_without_a_checkpoint_is_one_sentence(tmp_path):
   _module("gradio")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
-      [sys.executable, "-m", "visionspeak_jax.demo",
+      [sys.executable, "-m", "visionspeak_jax.tools.demo",
        f"--workdir={tmp_path}", f"--port={demo.free_port()}"],
       cwd=_REPO, env=env, capture_output=True, text=True, timeout=120,
       check=False)

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from visionspeak_jax import caption
-from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import data
 from visionspeak_jax import errors
-from visionspeak_jax import extraction
-from visionspeak_jax import feature_cache
-from visionspeak_jax import pretrained
-from visionspeak_jax import restore
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
+from visionspeak_jax.data import feature_cache
+from visionspeak_jax.data import sources
+from visionspeak_jax.models import pretrained
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.run import restore
+from visionspeak_jax.tools import caption
+from visionspeak_jax.tools import extraction
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 
 def _config(data_dir, cache):
@@ -54,7 +54,7 @@ def test_extract_writes_index_and_shards(cache_dir, tiny_data_dir):
   assert part["num_examples"] == 200 and len(set(part["image_ids"])) == 200
   config = _config(tiny_data_dir, cache_dir)
   config.data_source = "feature_cache"
-  cache = data.create(config, "unused")
+  cache = sources.create(config, "unused")
   assert isinstance(cache, feature_cache.FeatureCache)
   assert cache.input_key == "features"
   assert cache.run_info == {
@@ -138,6 +138,7 @@ def test_cached_training_is_decoder_only_and_checkpoints(cache_dir,
     restore.initial_weights(config, fresh.params, fresh.batch_stats, run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder_mult", [0.0, 1.0])
 def test_encoder_learning_rate_multiplier(encoder_mult):
   config = tiny.get_config()
@@ -200,4 +201,4 @@ def test_cache_errors(cache_dir, tiny_data_dir, tmp_path):
   config.data_source = "frozen"
   with pytest.raises(errors.ConfigError,
                      match="Unknown data_source 'frozen'"):
-    data.create(config, "unused")
+    sources.create(config, "unused")

@@ -12,18 +12,18 @@ import optax
 import pytest
 
 from configs import tiny
-from visionspeak_jax import attention
-from visionspeak_jax import config_checks
-from visionspeak_jax import decoder
 from visionspeak_jax import errors
-from visionspeak_jax import fast_decoder
-from visionspeak_jax import hard_attention
-from visionspeak_jax import model
-from visionspeak_jax import resnet
-from visionspeak_jax import restore
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
+from visionspeak_jax.models import attention
+from visionspeak_jax.models import captioner
+from visionspeak_jax.models import decoder
+from visionspeak_jax.models import fast_decoder
+from visionspeak_jax.models import resnet
+from visionspeak_jax.run import config_checks
+from visionspeak_jax.run import restore
+from visionspeak_jax.training import hard_attention
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 
 def _decoder(vocab=9, regions=5):
@@ -105,6 +105,7 @@ def test_loss_terms_by_hand():
   np.testing.assert_allclose(first["new_baseline"], mean, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_reinforce_estimates_the_gradient_of_the_expected_log_likelihood():
   """Over many samples, the hard loss's gradient on the attention scores
   (`v`, which changes nothing but alpha) is -d/dv sum_s alpha_s log p(y|s)."""
@@ -201,6 +202,7 @@ def test_the_hard_terms_give_the_reference_codes_gradient_on_alpha():
   np.testing.assert_allclose(grad, 16 * reference, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_without_sampling_the_hard_step_is_the_soft_step():
   config = _hard_config()
   config.warmup_steps = 0
@@ -227,6 +229,7 @@ def test_without_sampling_the_hard_step_is_the_soft_step():
   assert {"reward", "baseline", "entropy"} <= set(hard_metrics)
 
 
+@pytest.mark.slow
 def test_a_hard_run_resumes_exactly_and_decodes_one_region_per_word(
     tiny_data_dir, tmp_path):
   config = _hard_config(tiny_data_dir)
@@ -260,15 +263,15 @@ def test_a_hard_run_resumes_exactly_and_decodes_one_region_per_word(
 
   # Decoding reads one region per word: every map is one-hot (zeros after
   # the caption's end).
-  weights = model.decoding_weights(states[0].params["decoder"], "float32",
-                                   "hard")
+  weights = captioner.decoding_weights(states[0].params["decoder"], "float32",
+                                       "hard")
   feats = jax.random.normal(jax.random.key(2),
-                            (2, model.num_regions(config),
+                            (2, captioner.num_regions(config),
                              resnet.feature_dim(config.model.resnet_size,
                                                 config.model.resnet_width)))
   for beam in (1, 3):
-    decoded = model.beam_caption(weights, feats, beam_size=beam,
-                                 max_length=6)
+    decoded = captioner.beam_caption(weights, feats, beam_size=beam,
+                                     max_length=6)
     alphas = np.asarray(decoded.alphas)
     assert set(np.unique(alphas)) <= {0.0, 1.0}
     assert set(np.unique(alphas.sum(-1))) <= {0.0, 1.0}
@@ -288,18 +291,16 @@ def test_attention_kind_is_checked_and_shapes_the_state():
   with pytest.raises(errors.ConfigError, match="config.alpha_c must be 0"):
     config_checks.validate(config)
   config_checks.validate(_hard_config())
-  saved = tiny.get_config()
-  del saved.model["attention"]  # A run from before the field: soft.
+  saved = tiny.get_config()  # A soft-attention run.
   config_checks.check_resume(saved, tiny.get_config(), "/run")
   with pytest.raises(errors.ConfigError, match="model.attention"):
     config_checks.check_resume(saved, _hard_config(), "/run")
 
 
 def test_decoding_rule_of_hard_attention_runs():
-  assert model.decoding_attention(tiny.get_config()) == "soft"
+  assert captioner.decoding_attention(tiny.get_config()) == "soft"
   config = _hard_config()
-  assert model.decoding_attention(config) == "hard"  # The most likely region.
-  config.hard_attention.decoding = "expected"
-  assert model.decoding_attention(config) == "soft"
-  del config["hard_attention"]  # A run saved before the field existed.
-  assert model.decoding_attention(config) == "hard"
+  # The most likely region.
+  assert captioner.decoding_attention(config) == "hard"
+  config.hard_attention.decoding = "soft"
+  assert captioner.decoding_attention(config) == "soft"

@@ -1,6 +1,5 @@
 """Input pipeline tests: the shapes set and COCO captions (TFDS mock data)."""
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,8 +8,8 @@ import tensorflow_datasets as tfds
 from configs import coco
 from configs import tiny
 from visionspeak_jax import errors
-from visionspeak_jax import input_pipeline
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.data import input_pipeline
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 
 def _coco_config():

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from visionspeak_jax import restore
+from visionspeak_jax.run import restore
+
+pytestmark = pytest.mark.slow
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A short run that checkpoints every other step and evaluates at the end.
@@ -214,7 +216,7 @@ def test_a_second_process_on_a_workdir_is_refused(tiny_data_dir, tmp_path):
 # until STOP exists; prints one line per read.
 _READER = """
 import os, sys
-from visionspeak_jax import checkpoint, restore
+from visionspeak_jax.run import checkpoint, restore
 workdir, stop = sys.argv[1], sys.argv[2]
 while not os.path.exists(stop):
   for best in (False, True):

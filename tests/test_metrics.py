@@ -8,8 +8,8 @@ import numpy as np
 import psutil
 import pytest
 
-from visionspeak_jax import metrics
-from visionspeak_jax import shapes_words
+from visionspeak_jax.data.datasets import shapes_words
+from visionspeak_jax.evaluation import metrics
 
 _HAVE_JAVA = shutil.which("java") is not None
 
@@ -83,6 +83,7 @@ def test_without_java_meteor_is_skipped(monkeypatch, caplog):
   assert len(notes) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
 def test_java_scorers_run_and_clean_up():
   before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -180,6 +181,7 @@ def test_no_jvm_starts_where_meteor_is_not_scored(monkeypatch):
       "meteor", "content_f1", "grounding", "grounding_chance"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_JAVA, reason="needs a Java runtime")
 def test_shared_meteor_restarts_after_a_failure(monkeypatch):
   gts = {k: v for k, v in _REFERENCES.items()}

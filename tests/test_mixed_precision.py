@@ -5,13 +5,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import tiny
-from visionspeak_jax import decoder
-from visionspeak_jax import fast_decoder
-from visionspeak_jax import model
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
+from visionspeak_jax.models import captioner
+from visionspeak_jax.models import decoder
+from visionspeak_jax.models import fast_decoder
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 _VOCAB = 40
 
@@ -27,11 +28,11 @@ def _loss_and_grads(config, params, batch_stats, batch):
   """The training loss (encoder in training mode) and its gradients."""
 
   def loss_fn(params):
-    feats, _ = model.features(model.create_encoder(config), params,
-                              batch_stats, batch, train=True)
+    feats, _ = captioner.encode(captioner.create_encoder(config), params,
+                                batch_stats, batch, train=True)
     inputs, targets, mask = step_lib.split_tokens(batch["tokens"])
     logits, alphas, _ = fast_decoder.teacher_forced(
-        params["decoder"], feats, inputs, dtype=model.compute_dtype(config))
+        params["decoder"], feats, inputs, dtype=captioner.compute_dtype(config))
     terms = decoder.loss_terms(logits, targets, mask, alphas)
     return (terms["xent_sum"] / terms["tokens"]
             + terms["attention_sum"] / terms["captions"])
@@ -48,8 +49,8 @@ def _relative_error_and_cosine(a, b):
 
 
 def test_bfloat16_gradients_agree_with_float32():
-  params, batch_stats = model.init(jax.random.key(0), _config("float32"),
-                                   _VOCAB)
+  params, batch_stats = captioner.init(jax.random.key(0), _config("float32"),
+                                       _VOCAB)
   batch = fake_batch(_config("float32"), _VOCAB, 16)
   loss32, grads32 = _loss_and_grads(_config("float32"), params, batch_stats,
                                     batch)
@@ -71,19 +72,21 @@ def test_bfloat16_gradients_agree_with_float32():
   assert error > 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_float32_state():
   config = _config("bfloat16")
-  encoder = model.create_encoder(config)
-  variables = model.init_encoder(jax.random.key(0), config)
+  encoder = captioner.create_encoder(config)
+  variables = captioner.init_encoder(jax.random.key(0), config)
   images = jnp.zeros((2, config.image_size, config.image_size, 3))
   out, updates = encoder.apply(variables, images, train=True,
                                mutable=["batch_stats"])
   assert out["spatial"].dtype == jnp.bfloat16  # activations
   for leaf in jax.tree.leaves((variables, updates)):  # params, statistics
     assert leaf.dtype == jnp.float32
-  feats, _ = model.encode(encoder, {"encoder": variables["params"]},
-                          variables["batch_stats"],
-                          np.zeros((2, 32, 32, 3), np.uint8), train=False)
+  feats, _ = captioner.encode_images(encoder, {"encoder": variables["params"]},
+                                     variables["batch_stats"],
+                                     np.zeros((2, 32, 32, 3), np.uint8),
+                                     train=False)
   assert feats.dtype == jnp.float32  # the decoder's sums stay float32
 
   state = state_lib.create_train_state(jax.random.key(0), config, _VOCAB)

@@ -7,10 +7,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import tiny
-from visionspeak_jax import model
-from visionspeak_jax import pretrained
-from visionspeak_jax import resnet
-from visionspeak_jax import restore
+from visionspeak_jax.models import captioner
+from visionspeak_jax.models import pretrained
+from visionspeak_jax.models import resnet
+from visionspeak_jax.run import restore
 
 # torchvision's stage sizes and block kinds, written out independently of
 # resnet.SIZES so a renaming on either side shows up here.
@@ -159,6 +159,7 @@ def test_imported_stem_matches_numpy(tmp_path):
   assert out["spatial"].shape == (2, 1, 1, 512)
 
 
+@pytest.mark.slow
 def test_initial_weights_load_pretrained_path(tmp_path):
   state = random_state_dict(18, seed=3)
   path = str(tmp_path / "r18.safetensors")
@@ -168,7 +169,7 @@ def test_initial_weights_load_pretrained_path(tmp_path):
   config.model.resnet_width = 64
   config.model.resnet_stem = "imagenet"
   config.model.pretrained_path = path
-  fresh = model.init(jax.random.key(0), config, vocab_size=10)
+  fresh = captioner.init(jax.random.key(0), config, vocab_size=10)
   params, batch_stats = restore.initial_weights(config, *fresh)
   np.testing.assert_array_equal(
       params["encoder"]["conv_init"]["kernel"],
@@ -179,7 +180,8 @@ def test_initial_weights_load_pretrained_path(tmp_path):
                fresh[0]["decoder"])
 
 
-@pytest.mark.parametrize("depth", ["tiny", 18, 50])
+@pytest.mark.parametrize(
+    "depth", ["tiny", 18, pytest.param(50, marks=pytest.mark.slow)])
 def test_from_flax_inverts_to_flax(depth, tmp_path):
   variables = jax.device_get(resnet.create(depth).init(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32),

@@ -18,13 +18,14 @@ from etils.epath import testing as epath_testing
 import pytest
 
 from configs import tiny
-from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import config_checks
 from visionspeak_jax import errors
-from visionspeak_jax import feature_cache
-from visionspeak_jax import restore
-from visionspeak_jax import vocabulary as vocab_lib
-from visionspeak_jax import workdir as workdir_lib
+from visionspeak_jax.data import feature_cache
+from visionspeak_jax.platform import paths
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.run import config_checks
+from visionspeak_jax.run import restore
+from visionspeak_jax.run import workdir as workdir_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 _RUN = "gs://bucket/runs/a"
 
@@ -96,8 +97,8 @@ def test_workdir_files_on_a_url(tmp_path):
 def test_checkpoint_and_cache_paths_stay_urls(tmp_path):
   # Orbax itself needs google-cloud-storage and a network for gs://; what
   # this package hands it must be the URL, not `<cwd>/gs:/bucket/...`.
-  assert workdir_lib.absolute(f"{_RUN}/checkpoints") == f"{_RUN}/checkpoints"
-  assert workdir_lib.absolute("relative/run") == os.path.abspath(
+  assert paths.absolute(f"{_RUN}/checkpoints") == f"{_RUN}/checkpoints"
+  assert paths.absolute("relative/run") == os.path.abspath(
       "relative/run")
   config = tiny.get_config()
   assert feature_cache.cache_dir(config, _RUN) == f"{_RUN}/features"

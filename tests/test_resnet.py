@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from visionspeak_jax import resnet
+from visionspeak_jax.models import resnet
 
 
 def test_tiny_resnet_spatial_map_and_batch_stats():

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from visionspeak_jax import cider
-from visionspeak_jax import decoding
-from visionspeak_jax import fast_decoder
-from visionspeak_jax import input_pipeline
-from visionspeak_jax import model
-from visionspeak_jax import restore
-from visionspeak_jax import scst
 from visionspeak_jax import train
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.data import input_pipeline
+from visionspeak_jax.evaluation import cider
+from visionspeak_jax.models import captioner
+from visionspeak_jax.models import decoding
+from visionspeak_jax.models import fast_decoder
+from visionspeak_jax.run import restore
+from visionspeak_jax.text import vocabulary as vocab_lib
+from visionspeak_jax.training import scst
 
 
 def _scst_config(data_dir, init_from=""):
@@ -35,11 +35,11 @@ def _scst_config(data_dir, init_from=""):
 
 def test_words_stop_at_eos_and_drop_bos_and_pad():
   bos, eos, pad = vocab_lib.BOS_ID, vocab_lib.EOS_ID, vocab_lib.PAD_ID
-  assert scst.words([bos, 7, 8, eos, 9], eos=False) == (7, 8)
-  assert scst.words([bos, 7, 8, eos, 9], eos=True) == (7, 8, eos)
-  assert scst.words([5, pad, 6], eos=True) == (5, 6)  # Cut: no EOS.
-  assert scst.words([eos], eos=False) == ()
-  assert scst.words([eos, pad], eos=True) == (eos,)
+  assert scst.cider_tokens([bos, 7, 8, eos, 9], eos=False) == (7, 8)
+  assert scst.cider_tokens([bos, 7, 8, eos, 9], eos=True) == (7, 8, eos)
+  assert scst.cider_tokens([5, pad, 6], eos=True) == (5, 6)  # Cut: no EOS.
+  assert scst.cider_tokens([eos], eos=False) == ()
+  assert scst.cider_tokens([eos, pad], eos=True) == (eos,)
 
 
 def test_training_references_are_every_caption_whole():
@@ -77,7 +77,7 @@ def test_training_batches_name_their_images(tiny_data_dir):
   assert batch["image_id"].dtype == np.int32
   for tokens, image_id in zip(batch["tokens"], batch["image_id"]):
     # The trained caption is one of that image's references.
-    assert scst.words(tokens, eos=False) in references[int(image_id)]
+    assert scst.cider_tokens(tokens, eos=False) in references[int(image_id)]
   image_id, first = next(iter(source.references(config.train_split)))
   assert isinstance(image_id, int) and image_id in references
   assert len(first) == 5 and all(isinstance(c, str) for c in first)
@@ -91,12 +91,12 @@ def test_update_scores_samples_as_the_sampler_drew_them():
   """teacher_forced on a sample gives the log-probability it was drawn with."""
   config = tiny.get_config()
   vocab_size = 30
-  params, batch_stats = model.init(jax.random.key(0), config, vocab_size)
+  params, batch_stats = captioner.init(jax.random.key(0), config, vocab_size)
   batch = fake_batch(config, vocab_size, 4)
-  feats, _ = model.features(model.create_encoder(config), params, batch_stats,
-                            batch, train=False)
+  feats, _ = captioner.encode(captioner.create_encoder(config), params,
+                              batch_stats, batch, train=False)
   weights = fast_decoder.decoding_weights(params["decoder"], None)
-  step_fn, start = model.make_step_fn(weights, feats)
+  step_fn, start = captioner.make_step_fn(weights, feats)
   k, length = 3, 8
   drawn = decoding.sample(
       step_fn, jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), start),
@@ -132,6 +132,7 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_scst_run_from_a_cross_entropy_run_resumes_exactly(
     tiny_data_dir, xe_run, tmp_path):
   config = _scst_config(tiny_data_dir, init_from=xe_run)
@@ -166,6 +167,7 @@ def test_scst_run_from_a_cross_entropy_run_resumes_exactly(
   assert any(jax.tree.leaves(moved))
 
 
+@pytest.mark.slow
 def test_greedy_baseline_and_mixed_cross_entropy(tiny_data_dir, xe_run,
                                                  tmp_path):
   config = _scst_config(tiny_data_dir, init_from=xe_run)

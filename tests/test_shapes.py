@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from visionspeak_jax import metrics
-from visionspeak_jax import shapes
+from visionspeak_jax.data.datasets import shapes
+from visionspeak_jax.evaluation import metrics
 
 _NUM_CHECKED = 300
 

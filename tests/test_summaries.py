@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
 from configs import tiny
-from visionspeak_jax import optimizer
-from visionspeak_jax import summaries
 from visionspeak_jax import train
+from visionspeak_jax.run import summaries
+from visionspeak_jax.training import optimizer
 
 
 def _load(workdir):
@@ -82,6 +82,7 @@ def test_disabled_log_writes_nothing(tmp_path):
   assert not os.path.exists(os.path.join(str(tmp_path), summaries.SUBDIR))
 
 
+@pytest.mark.slow
 def test_training_writes_scalars_and_attention_images(tiny_data_dir,
                                                       tmp_path):
   config = tiny.get_config()

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from visionspeak_jax import checkpoint as checkpoint_lib
 from visionspeak_jax import errors
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
 from visionspeak_jax import train
+from visionspeak_jax.platform import cpu_tuning
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 
 def _records(workdir):
@@ -71,14 +72,14 @@ def test_train_writes_checkpoints_and_resumes(tiny_data_dir, tmp_path,
 
 def test_a_best_metric_the_data_lacks_stops_the_run_at_start(
     tiny_data_dir, tmp_path, monkeypatch):
-  real_create = train.data.create
+  real_create = train.sources.create
 
   def without_objects(config, workdir):
     source = real_create(config, workdir)
     source.has_objects = False  # As coco_captions' examples.
     return source
 
-  monkeypatch.setattr(train.data, "create", without_objects)
+  monkeypatch.setattr(train.sources, "create", without_objects)
   config = tiny.get_config()
   config.data_dir = tiny_data_dir
   config.best_metric = "grounding"
@@ -98,6 +99,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
   assert not (tmp_path / "empty").exists()  # A reader creates nothing.
 
 
+@pytest.mark.slow
 def test_the_second_step_does_not_compile_again(compile_events):
   # A new state sits uncommitted on one device, the step returns it
   # replicated over its devices: unplaced, the second call compiled the
@@ -120,6 +122,7 @@ def test_the_second_step_does_not_compile_again(compile_events):
   assert second_call == {False: 1, True: 0}
 
 
+@pytest.mark.slow
 def test_the_step_tuned_for_cpu_trains_alike_and_compiles_once(
     compile_events):
   # The training loop's step on a CPU: -O2 rounds differently from XLA's
@@ -133,7 +136,7 @@ def test_the_step_tuned_for_cpu_trains_alike_and_compiles_once(
   for tuned in (False, True):
     p_train_step, _ = step_lib.compile_steps(config)
     if tuned:
-      p_train_step = step_lib.tuned_for_cpu(p_train_step)
+      p_train_step = cpu_tuning.compile_train_step(p_train_step)
     state = step_lib.place_state(state_lib.create_train_state(
         jax.random.key(0), config, vocab_size))
     before = len(compile_events)
@@ -150,6 +153,7 @@ def test_the_step_tuned_for_cpu_trains_alike_and_compiles_once(
                                  atol=1e-6), params, tuned_params)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device_for_the_same_global_batch():
   config = tiny.get_config()
   config.warmup_steps = 0  # Take a real step at step 0.

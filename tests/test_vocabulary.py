@@ -5,7 +5,7 @@ import json
 import pytest
 import tensorflow as tf
 
-from visionspeak_jax import vocabulary as vocab_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
 
 
 def test_build_counts_and_orders():

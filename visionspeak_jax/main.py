@@ -1,22 +1,23 @@
 """Trains and evaluates the captioner.
 
-  python -m visionspeak_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
+  python -m visionspeak_jax.main --config=configs/shapes.py \
+      --workdir=/tmp/shapes
   python -m visionspeak_jax.main --config=configs/coco.py --workdir=DIR \
       --config.batch_size=64
 """
 
-from visionspeak_jax import huge_pages
+from visionspeak_jax.platform import cpu_tuning
 
 if __name__ == "__main__":  # First, before JAX: this may start it again.
-  huge_pages.reexec(__file__)
+  cpu_tuning.reexec(__file__)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from visionspeak_jax import runtime
 from visionspeak_jax import train
+from visionspeak_jax.platform import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")

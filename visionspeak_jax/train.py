@@ -1,10 +1,10 @@
 """Training and evaluation of the captioner.
 
-`train_and_evaluate` compiles the step of `step.py` and `model.predict`
+`train_and_evaluate` compiles the step of `step.py` and `captioner.predict`
 and runs the loop: train, log, evaluate, checkpoint, resume.
 
 What is trained is set by two independent settings: where the inputs come
-from (`config.data_source`, see `data.py`: images through the ResNet, or a
+from (`config.data_source`, see `sources.py`: images through the ResNet, or a
 feature cache and no ResNet) and how fast each parameter subtree learns
 (`config.lr_mults`, see `optimizer.py`: 0 freezes a subtree). Where a run
 starts is `restore.initial_weights`: a random init, pretrained encoder
@@ -22,25 +22,26 @@ import jax
 import ml_collections
 import numpy as np
 
-from visionspeak_jax import checkpoint as checkpoint_lib
-from visionspeak_jax import config_checks
-from visionspeak_jax import data
 from visionspeak_jax import errors
-from visionspeak_jax import input_pipeline
-from visionspeak_jax import metrics as metrics_lib
-from visionspeak_jax import model
-from visionspeak_jax import optimizer
-from visionspeak_jax import restore
-from visionspeak_jax import scst
-from visionspeak_jax import state as state_lib
-from visionspeak_jax import step as step_lib
-from visionspeak_jax import summaries
-from visionspeak_jax import vocabulary as vocab_lib
-from visionspeak_jax import workdir as workdir_lib
+from visionspeak_jax.data import input_pipeline
+from visionspeak_jax.data import sources
+from visionspeak_jax.evaluation import metrics as metrics_lib
+from visionspeak_jax.models import captioner
+from visionspeak_jax.platform import cpu_tuning
+from visionspeak_jax.run import checkpoint as checkpoint_lib
+from visionspeak_jax.run import config_checks
+from visionspeak_jax.run import restore
+from visionspeak_jax.run import summaries
+from visionspeak_jax.run import workdir as workdir_lib
+from visionspeak_jax.text import vocabulary as vocab_lib
+from visionspeak_jax.training import optimizer
+from visionspeak_jax.training import scst
+from visionspeak_jax.training import state as state_lib
+from visionspeak_jax.training import step as step_lib
 
 
 def evaluate(p_predict, state: state_lib.TrainState,
-             source: data.DataSource, config: ml_collections.ConfigDict,
+             source: sources.DataSource, config: ml_collections.ConfigDict,
              vocab: vocab_lib.Vocabulary, split: str,
              shown: list[summaries.Shown] | None = None) -> dict[str, float]:
   """Captions a split with beam search and scores it.
@@ -58,9 +59,10 @@ def evaluate(p_predict, state: state_lib.TrainState,
   words, alphas, objects = [], [], []
   examples = source.eval_examples(split, config.num_eval_examples)
   # Once for the whole split.
-  weights = model.decoding_weights(state.params["decoder"],
-                                   config.decode_dtype,
-                                   model.decoding_attention(config))
+  weights = captioner.decoding_weights(state.params["decoder"],
+                                       config.decode_dtype,
+                                       captioner.decoding_attention(config))
+  grid = captioner.grid(config)  # (h, w) of the attention maps
   for inputs, batch in input_pipeline.batch_eval_examples(
       examples, config.eval_batch_size):
     decoded = p_predict(state.params, state.batch_stats, weights,
@@ -79,8 +81,9 @@ def evaluate(p_predict, state: state_lib.TrainState,
       objects.append(ex.objects)
       if (shown is not None and source.input_key == "image" and
           len(shown) < summaries.NUM_FIGURES):
-        shown.append(summaries.Shown(ex.inputs, caption, alphas[-1],
-                                     ex.references[0]))
+        shown.append(summaries.Shown(
+            ex.inputs, caption, alphas[-1].reshape(len(caption), *grid),
+            ex.references[0]))
   for image_id in list(predictions)[:3]:
     logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],
                  references[image_id][0])
@@ -92,7 +95,6 @@ def evaluate(p_predict, state: state_lib.TrainState,
     results.update(metrics_lib.content_f1(
         [" ".join(w) for w in words],
         [[(o["color"], o["shape"]) for o in objs] for objs in objects]))
-    grid = model.grid(config)
     results["grounding"] = metrics_lib.attention_grounding(
         words, alphas, objects, grid)
     # What a peak cell drawn at random would score on the same images.
@@ -107,9 +109,10 @@ def _format(metrics: dict[str, Any]) -> str:
                    for k, v in sorted(metrics.items()))
 
 
-def _start(config: ml_collections.ConfigDict, workdir: str,
-           source: data.DataSource, ckpt: checkpoint_lib.Checkpointer
-           ) -> tuple[vocab_lib.Vocabulary, state_lib.TrainState]:
+def _resume_or_start(config: ml_collections.ConfigDict, workdir: str,
+                     source: sources.DataSource,
+                     ckpt: checkpoint_lib.Checkpointer
+                     ) -> tuple[vocab_lib.Vocabulary, state_lib.TrainState]:
   """The vocabulary and state to train from: resumed, or a new run's.
 
   A run resumes from its newest intact checkpoint; a damaged newer one is
@@ -198,10 +201,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
            ckpt: checkpoint_lib.Checkpointer,
            best_ckpt: checkpoint_lib.Checkpointer) -> dict[str, float]:
   """The body of `train_and_evaluate`, inside its lock."""
-  source = data.create(config, workdir)
+  source = sources.create(config, workdir)
   logging.info("Data: %s.", source.description)
   config_checks.check_best_metric(config, source.has_objects)
-  vocab, state = _start(config, workdir, source, ckpt)
+  vocab, state = _resume_or_start(config, workdir, source, ckpt)
   logging.info("Vocabulary: %d words.", len(vocab))
   state = step_lib.place_state(state)  # Else the second step compiles again.
   start_step = int(state.step)
@@ -216,11 +219,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     references = scst.training_references(
         source.references(config.train_split), vocab,
         eos=config.scst.cider_eos)
-    p_train_step = scst.SelfCriticalStep(
+    train_step = scst.SelfCriticalStep(
         config, scst.document_frequencies(config, workdir, references),
         references)
   else:
-    p_train_step = step_lib.tuned_for_cpu(p_train_step)
+    train_step = cpu_tuning.compile_train_step(p_train_step)
   num_devices = jax.local_device_count()
   train_ds = source.train_dataset(vocab, seed=config.seed,
                                   skip_batches=start_step)
@@ -234,7 +237,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   last_time, last_step = time.time(), start_step
   saved_step = start_step
   for step in range(start_step, config.num_train_steps):
-    state, train_metrics = p_train_step(state, next(train_iter), dropout_rng)
+    state, train_metrics = train_step(state, next(train_iter), dropout_rng)
     done = step + 1
     last = done == config.num_train_steps
     log = done % config.log_every_steps == 0 or last
@@ -256,7 +259,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       now = time.time()
       steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
       eta = (config.num_train_steps - done) / max(steps_per_sec, 1e-9)
-      logging.info("step %d/%d: %s, %.2f steps/s, ETA %.0f s", done,
+      logging.info("step %d/%d: %s, %.2f steps a second, ETA %.0f s", done,
                    config.num_train_steps, _format(train_metrics),
                    steps_per_sec, eta)
       record = {"step": done, "split": "train", "steps_per_sec": steps_per_sec,

@@ -1,0 +1,2 @@
+"""TFDS builders generated on the machine: the shapes set and the COCO
+rehearsal."""

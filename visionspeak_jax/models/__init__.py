@@ -1,0 +1,2 @@
+"""The captioner: ResNet encoder, additive attention, LSTM, decoder and its
+search."""

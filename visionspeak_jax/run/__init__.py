@@ -1,0 +1,2 @@
+"""A run as a durable object: workdir, checkpoints, restore, config checks,
+summaries."""

@@ -1,0 +1,1 @@
+"""Words: the vocabulary and its tokenizer."""

@@ -1,0 +1,1 @@
+"""Commands beside training: caption images, the web demo, feature extraction."""
