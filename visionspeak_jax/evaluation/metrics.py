@@ -16,7 +16,6 @@ import collections
 import contextlib
 import io
 import os
-import re
 import shutil
 import subprocess
 from typing import Any, Iterator, Mapping, Sequence
@@ -31,16 +30,11 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 
 # The word lists, not the `shapes` builder, which would import TensorFlow.
 from visionspeak_jax.data.datasets import shapes_words
+from visionspeak_jax.text import vocabulary
 
 _COLOR_WORDS = frozenset(shapes_words.COLORS)
 _SHAPE_WORDS = frozenset(shapes_words.SHAPES)
 _PTB_PUNCTUATION = frozenset(ptbtokenizer.PUNCTUATIONS)
-_NOT_WORD = re.compile(r"[^\w\s]")
-
-
-def _simple_tokenize(caption: str) -> str:
-  """Lowercases, turns punctuation into spaces, joins words by one space."""
-  return " ".join(_NOT_WORD.sub(" ", caption.lower()).split())
 
 
 def _ptb_tokenize(captions: list[str]) -> list[str]:
@@ -215,8 +209,8 @@ def caption_metrics(
     logging.log_first_n(
         logging.WARNING,
         "Skipping the Java caption scorers (METEOR, PTB tokenizer): Java is "
-        "not available or use_java=False; tokenizing by lowercasing and "
-        "dropping punctuation.", 1)
+        "not available or use_java=False; tokenizing as the vocabulary does "
+        "(lowercase, punctuation dropped).", 1)
 
   ids = list(predictions)
   ref_lists = [list(references[k]) for k in ids]
@@ -224,7 +218,7 @@ def caption_metrics(
   if use_java:
     tokens = _ptb_tokenize(flat)
   else:
-    tokens = [_simple_tokenize(c) for c in flat]
+    tokens = [" ".join(vocabulary.tokenize(c)) for c in flat]
   res = {k: [tokens[i]] for i, k in enumerate(ids)}
   gts = {}
   offset = len(ids)
@@ -262,7 +256,7 @@ def function_word_endings(captions: Sequence[str]) -> float:
   Returns:
     The share in [0, 1] (0.0 for no captions).
   """
-  ends = [(_simple_tokenize(c).split() or [""])[-1] for c in captions]
+  ends = [(vocabulary.tokenize(c) or [""])[-1] for c in captions]
   return sum(e in FUNCTION_WORDS for e in ends) / len(ends) if ends else 0.0
 
 
@@ -298,7 +292,7 @@ def parse_objects(caption: str) -> list[tuple[str, str]]:
     A list of (colour, shape) pairs.
   """
   return [(color, shape)
-          for _, color, shape in _mentions(_simple_tokenize(caption).split())]
+          for _, color, shape in _mentions(vocabulary.tokenize(caption))]
 
 
 def content_f1(
