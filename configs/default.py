@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = "shapes_captions/default"  # TFDS name[/config].
   config.data_dir = ""  # TFDS data_dir; "" means TFDS's default.
+  # Where a dataset with manual files (karpathy_captions: the JSON and the
+  # images) finds them; "" means TFDS's <data_dir>/downloads/manual.
+  config.manual_dir = ""
   config.train_split = "train"  # Split(s) to train on ("a+b" joins them).
   config.eval_split = "validation"  # Split for periodic evaluation.
   config.test_split = "test"  # Split for the final evaluation.
@@ -147,6 +150,12 @@ def get_config() -> ml_collections.ConfigDict:
   # "float32", or "bfloat16" (products still summed in float32; faster on
   # CPUs with AVX512-BF16 and on GPUs/TPUs, see benchmarks/README.md).
   config.decode_dtype = "float32"
+  # Decoding constraints, in greedy and beam search alike: never emit
+  # <unk>; no trigram twice within a caption (ruotianluo/self-critical's
+  # block_trigrams); at least min_length words before EOS (0 = no minimum).
+  config.suppress_unk = False
+  config.block_trigrams = False
+  config.min_length = 0
   config.best_metric = "cider"  # WORKDIR/best keeps the top eval checkpoint.
   # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
   config.metrics_use_java = ml_collections.config_dict.placeholder(bool)

@@ -20,6 +20,28 @@ def tiny_data_dir(tmp_path_factory):
   return data_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data_dir, tmp_path_factory):
+  """A workdir of `configs/tiny.py` trained for two steps on a copy of the
+  tiny data, the copy deleted: only the checkpoint is left."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("tiny_run")
+  data_dir = str(root / "tfds")
+  shutil.copytree(tiny_data_dir, data_dir)
+  config = tiny.get_config()
+  config.data_dir = data_dir
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.eval_every_steps = 2
+  config.num_eval_examples = 8
+  workdir = str(root / "run")
+  train.train_and_evaluate(config, workdir)
+  shutil.rmtree(data_dir)
+  return workdir
+
+
 @pytest.fixture
 def compile_events():
   """A list that gains an entry at each XLA compilation during the test."""

@@ -7,18 +7,18 @@ checks that captioning needs nothing but the checkpoint.
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from configs import tiny
 from visionspeak_jax import errors
 from visionspeak_jax.data import images as images_lib
+from visionspeak_jax.models import decoding
 from visionspeak_jax.run import figures
 from visionspeak_jax.text import vocabulary as vocab_lib
 from visionspeak_jax.tools import caption
@@ -27,22 +27,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_data_dir, tmp_path_factory):
+def run_dir(tiny_run):
   """A workdir trained for two steps, whose dataset no longer exists."""
-  from visionspeak_jax import train
-  root = tmp_path_factory.mktemp("caption")
-  data_dir = str(root / "tfds")
-  shutil.copytree(tiny_data_dir, data_dir)
-  config = tiny.get_config()
-  config.data_dir = data_dir
-  config.num_train_steps = 2
-  config.checkpoint_every_steps = 2
-  config.eval_every_steps = 2
-  config.num_eval_examples = 8
-  workdir = str(root / "run")
-  train.train_and_evaluate(config, workdir)
-  shutil.rmtree(data_dir)
-  return workdir
+  return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -328,4 +315,61 @@ def test_bfloat16_decoding(captioner, run_dir, inputs):
   assert caption.run([inputs["rgb.png"][0]], workdir=run_dir, beam_size=2,
                      decode_dtype="bfloat16", stdout=out,
                      stderr=io.StringIO()) == 0
+  assert out.getvalue().startswith(inputs["rgb.png"][0] + ": ")
+
+
+def _has_repeated_trigram(words):
+  trigrams = list(zip(words, words[1:], words[2:]))
+  return len(set(trigrams)) < len(trigrams)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_constraints_reach_the_compiled_predict(captioner,
+                                                         beam_size):
+  images = np.stack([_rgb(32, 32, seed) for seed in range(4)])
+  rules = dict(suppress_unk=True, block_trigrams=True, min_length=6)
+  # The run's config asks for no rule.
+  assert captioner.constraints() == decoding.Constraints()
+  wanted = decoding.Constraints(suppress_ids=(vocab_lib.UNK_ID,),
+                                min_length=6, block_trigrams=True)
+  assert captioner.constraints(**rules) == wanted
+  weights = captioner.decoding_weights("float32")
+  plain, ruled = (
+      jax.device_get(captioner.compiled(beam_size, 8, 0.0, constraints)(
+          captioner.params, captioner.batch_stats, weights,
+          {"image": images}))
+      for constraints in (decoding.Constraints(), wanted))
+  assert (np.asarray(ruled.lengths) >= 6).all()
+  assert not (np.asarray(ruled.tokens) == vocab_lib.UNK_ID).any()
+  for row in np.asarray(ruled.tokens):
+    ids = list(row)
+    ids = ids[:ids.index(vocab_lib.EOS_ID)] if vocab_lib.EOS_ID in ids else ids
+    assert not _has_repeated_trigram(ids), row
+  # The rules bind on this barely trained model.
+  assert (np.asarray(ruled.tokens) != np.asarray(plain.tokens)).any()
+  # caption_arrays runs the same compiled function, once per setting.
+  results = caption.caption_arrays(captioner, images, beam_size=beam_size,
+                                   batch_size=4, max_length=8, **rules)
+  assert [r.words for r in results] == [captioner.vocab.decode(row)
+                                        for row in ruled.tokens]
+  assert captioner.compiled(beam_size, 8, 0.0, wanted)._cache_size() == 1
+  assert captioner.compiled(beam_size, 8, 0.0)._cache_size() == 1
+
+
+def test_run_passes_the_decoding_options(run_dir, inputs, monkeypatch):
+  seen = []
+
+  def recording(*args, **kwargs):
+    seen.append({k: kwargs[k] for k in ("suppress_unk", "block_trigrams",
+                                        "min_length")})
+    return real(*args, **kwargs)
+
+  real = caption.caption_arrays
+  monkeypatch.setattr(caption, "caption_arrays", recording)
+  out = io.StringIO()
+  assert caption.run([inputs["rgb.png"][0]], workdir=run_dir, beam_size=1,
+                     max_length=8, suppress_unk=True, block_trigrams=False,
+                     min_length=6, stdout=out, stderr=io.StringIO()) == 0
+  assert seen == [dict(suppress_unk=True, block_trigrams=False,
+                       min_length=6)]
   assert out.getvalue().startswith(inputs["rgb.png"][0] + ": ")

@@ -59,6 +59,18 @@ _BAD_VALUES = [
      "directory"),
     ("model.pretrained_path", "/no/weights.safetensors",
      "config.model.pretrained_path '/no/weights.safetensors' is not a file"),
+    # A typed ConfigDict takes None for any field, but no other type.
+    ("suppress_unk", None, "config.suppress_unk must be True or False, got "
+     "None: fix --config.suppress_unk."),
+    ("block_trigrams", None, "config.block_trigrams must be True or False"),
+    ("manual_dir", None, "config.manual_dir must be a string"),
+    ("min_length", -1, "config.min_length must be a whole number >= 0 and "
+     "below config.max_decode_length (12), got -1"),
+    # The tiny config decodes 12 tokens: 12 words would leave no EOS.
+    ("min_length", 12, "config.min_length must be a whole number >= 0 and "
+     "below config.max_decode_length (12), got 12"),
+    ("min_length", True, "config.min_length must be a whole number"),
+    ("min_length", None, "config.min_length must be a whole number"),
 ]
 
 

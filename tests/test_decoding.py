@@ -78,10 +78,10 @@ _beam = functools.partial(_search, decoding.beam_search)
 _loop = functools.partial(_search, decoding.beam_search_loop)
 
 
-def _greedy(step_fn, state, batch_size, max_length):
+def _greedy(step_fn, state, batch_size, max_length, **kw):
   fn = functools.partial(decoding.greedy, step_fn, batch_size=batch_size,
                          max_length=max_length, bos_id=BOS, eos_id=EOS,
-                         pad_id=PAD)
+                         pad_id=PAD, **kw)
   return jax.jit(fn)(state)
 
 
@@ -408,3 +408,184 @@ def test_beam_first_step_runs_one_row_per_image():
 
   _beam(recording_step, state, 3, 2, 4)
   assert seen[0] == 3 and set(seen[1:]) == {6}
+
+
+# Decoding constraints. A stands for <unk> where a test suppresses it.
+UNK = A
+
+
+def _words(tokens):
+  """A decoded row's words: its tokens before the EOS."""
+  tokens = [int(t) for t in np.asarray(tokens)]
+  return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+
+def _has_repeated_trigram(words):
+  trigrams = list(zip(words, words[1:], words[2:]))
+  return len(set(trigrams)) < len(trigrams)
+
+
+# <unk> is always the best word; without it, B C EOS (0.35 * 0.35 * 0.45).
+_UNK_FIRST = {BOS: {UNK: 0.6, B: 0.35, EOS: 0.05},
+              UNK: {UNK: 0.6, C: 0.3, EOS: 0.1},
+              B: {UNK: 0.6, C: 0.35, EOS: 0.05},
+              C: {UNK: 0.5, EOS: 0.45, D: 0.05}}
+
+
+def test_suppress_unk_picks_the_next_best_word():
+  step_fn, table = _bigram_step(_UNK_FIRST)
+  calls = jnp.zeros(1, jnp.int32)
+  rule = decoding.Constraints(suppress_ids=(UNK,))
+  np.testing.assert_array_equal(_greedy(step_fn, calls, 1, 4).tokens[0],
+                                [UNK] * 4)
+  assert UNK in np.asarray(_beam(step_fn, calls, 1, 2, 4).tokens[0])
+  expected = [B, C, EOS, PAD]
+  for out in (_greedy(step_fn, calls, 1, 4, constraints=rule),
+              _beam(step_fn, calls, 1, 2, 4, constraints=rule)):
+    np.testing.assert_array_equal(out.tokens[0], expected)
+    assert int(out.lengths[0]) == 2
+    # The model's own log-probabilities: nothing renormalised.
+    np.testing.assert_allclose(out.scores[0], _logprob(table, [B, C, EOS]),
+                               rtol=1e-6)
+  drawn = _sample(step_fn, jnp.zeros(256, jnp.int32), 256, 4,
+                  jax.random.key(0))
+  assert (np.asarray(drawn.tokens) == UNK).any()
+  drawn = _sample(step_fn, jnp.zeros(256, jnp.int32), 256, 4,
+                  jax.random.key(0), constraints=rule)
+  assert not (np.asarray(drawn.tokens) == UNK).any()
+
+
+# EOS right after the first word; the best non-EOS path is A B C.
+_EARLY_EOS = {BOS: {A: 0.9, B: 0.1}, A: {EOS: 0.7, B: 0.2, C: 0.1},
+              B: {EOS: 0.6, C: 0.4}, C: {EOS: 0.8, D: 0.2},
+              D: {EOS: 0.5, A: 0.5}}
+
+
+def test_min_length_forbids_an_early_eos():
+  step_fn, table = _bigram_step(_EARLY_EOS)
+  calls = jnp.zeros(1, jnp.int32)
+  np.testing.assert_array_equal(_greedy(step_fn, calls, 1, 6).tokens[0],
+                                [A, EOS] + [PAD] * 4)
+  np.testing.assert_array_equal(_beam(step_fn, calls, 1, 2, 6).tokens[0],
+                                [A, EOS] + [PAD] * 4)
+  rule = decoding.Constraints(min_length=3)
+  for out in (_greedy(step_fn, calls, 1, 6, constraints=rule),
+              _beam(step_fn, calls, 1, 2, 6, constraints=rule)):
+    np.testing.assert_array_equal(out.tokens[0], [A, B, C, EOS, PAD, PAD])
+    assert int(out.lengths[0]) == 3
+    np.testing.assert_allclose(out.scores[0],
+                               _logprob(table, [A, B, C, EOS]), rtol=1e-6)
+  batch = 256
+  drawn = _sample(step_fn, jnp.zeros(batch, jnp.int32), batch, 6,
+                  jax.random.key(0))
+  assert (np.asarray(drawn.lengths) < 3).any()
+  drawn = _sample(step_fn, jnp.zeros(batch, jnp.int32), batch, 6,
+                  jax.random.key(0), constraints=rule)
+  assert (np.asarray(drawn.lengths) >= 3).all()
+
+
+# A B C A B C ... unless blocked; the second choices are D after A or B,
+# A after D and B after C. No EOS, so every answer has L words.
+_CYCLE = {BOS: {A: 1.0}, A: {B: 0.85, D: 0.15}, B: {C: 0.7, D: 0.3},
+          C: {A: 0.75, B: 0.25}, D: {A: 0.6, B: 0.4}}
+
+
+def test_block_trigrams_never_repeats_a_trigram():
+  step_fn, table = _bigram_step(_CYCLE)
+  calls = jnp.zeros(1, jnp.int32)
+  length = 8
+  np.testing.assert_array_equal(_greedy(step_fn, calls, 1, length).tokens[0],
+                                [A, B, C, A, B, C, A, B])
+  assert _has_repeated_trigram(
+      _words(_beam(step_fn, calls, 1, 2, length).tokens[0]))
+  rule = decoding.Constraints(block_trigrams=True)
+  greedy = _greedy(step_fn, calls, 1, length, constraints=rule)
+  # A B C A B, then C would repeat A B C: D; then A and B as before.
+  expected = [A, B, C, A, B, D, A, B]
+  np.testing.assert_array_equal(greedy.tokens[0], expected)
+  np.testing.assert_allclose(greedy.scores[0], _logprob(table, expected),
+                             rtol=1e-6)
+  # Beam search finds the best caption without a repeated trigram (two tie:
+  # A B D A B C A B uses the same transitions).
+  beam = _beam(step_fn, calls, 1, 2, length, constraints=rule)
+  allowed = [[A] + list(w) for w in itertools.product([A, B, C, D],
+                                                      repeat=length - 1)
+             if not _has_repeated_trigram([A] + list(w))]
+  best = max(_logprob(table, w) for w in allowed)
+  winners = [w for w in allowed if _logprob(table, w) == best]
+  assert list(np.asarray(beam.tokens[0])) in winners, beam.tokens[0]
+  np.testing.assert_allclose(beam.scores[0], best, rtol=1e-6)
+
+
+def test_block_trigrams_on_random_tables():
+  """Every decoder, every row: no trigram twice; and some would repeat one."""
+  batch, length = 16, 12
+  step_fn, state, _ = _trigram_step(0, batch)
+  rule = decoding.Constraints(block_trigrams=True)
+  rng = jax.random.key(0)
+  plain = [_greedy(step_fn, state, batch, length),
+           _beam(step_fn, state, batch, 3, length),
+           _sample(step_fn, state, batch, length, rng)]
+  for out in plain:
+    assert any(_has_repeated_trigram(_words(row)) for row in out.tokens)
+  for out in (_greedy(step_fn, state, batch, length, constraints=rule),
+              _beam(step_fn, state, batch, 3, length, constraints=rule),
+              _sample(step_fn, state, batch, length, rng, constraints=rule)):
+    for row in out.tokens:
+      assert not _has_repeated_trigram(_words(row)), row
+
+
+def test_single_beam_equals_greedy_under_constraints():
+  batch, length = 8, 10
+  step_fn, state, _ = _trigram_step(3, batch)
+  rule = decoding.Constraints(suppress_ids=(A,), min_length=4,
+                              block_trigrams=True)
+  greedy = _greedy(step_fn, state, batch, length, constraints=rule)
+  beam = _beam(step_fn, state, batch, 1, length, constraints=rule)
+  np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+  np.testing.assert_array_equal(beam.lengths, greedy.lengths)
+  np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-6)
+  tokens = np.asarray(greedy.tokens)
+  assert not (tokens == A).any()
+  assert (np.asarray(greedy.lengths) >= 4).all()
+  assert not any(_has_repeated_trigram(_words(row)) for row in tokens)
+  # The rules changed some answers.
+  assert (tokens != np.asarray(_greedy(step_fn, state, batch,
+                                       length).tokens)).any()
+
+
+def test_a_row_with_every_word_forbidden_keeps_the_models_choice():
+  # Only EOS is possible after BOS, and min_length forbids it.
+  step_fn, _ = _bigram_step({BOS: {EOS: 1.0}})
+  rule = decoding.Constraints(min_length=2)
+  out = _greedy(step_fn, jnp.zeros(1, jnp.int32), 1, 3, constraints=rule)
+  np.testing.assert_array_equal(out.tokens[0], [EOS, PAD, PAD])
+  assert float(out.scores[0]) == 0.0
+
+
+def test_default_constraints_are_todays_decoders():
+  # Equal and hashable however built, so a jit cache key.
+  plain = decoding.Constraints(suppress_ids=[], min_length=0)
+  assert plain == decoding.Constraints() and not plain.active
+  assert hash(plain) == hash(decoding.Constraints())
+  assert decoding.Constraints(suppress_ids=[3]).suppress_ids == (3,)
+  with pytest.raises(ValueError, match="min_length"):
+    decoding.Constraints(min_length=-1)
+  step_fn, state, _ = _trigram_step(2, 3)
+  for search in (decoding.greedy, decoding.beam_search):
+    extra = dict(beam_size=2) if search is decoding.beam_search else {}
+    fn = functools.partial(search, step_fn, batch_size=3, max_length=6,
+                           bos_id=BOS, eos_id=EOS, **extra)
+    # The very same program as without the argument.
+    assert (str(jax.make_jaxpr(fn)(state)) ==
+            str(jax.make_jaxpr(functools.partial(fn, constraints=plain))(
+                state)))
+  # And the saved answers.
+  (seed, batch, beams, length, penalty), _, tokens, lengths, scores = (
+      _BEAM_REFERENCE[2])
+  step_fn, state, _ = _trigram_step(seed, batch)
+  out = _beam(step_fn, state, batch, beams, length, length_penalty=penalty,
+              constraints=plain)
+  np.testing.assert_array_equal(out.tokens, tokens)
+  np.testing.assert_array_equal(out.lengths, lengths)
+  np.testing.assert_allclose(out.scores, np.float32(scores), rtol=1e-6)

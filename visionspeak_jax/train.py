@@ -1,7 +1,8 @@
 """Training and evaluation of the captioner.
 
 `train_and_evaluate` compiles the step of `step.py` and `captioner.predict`
-and runs the loop: train, log, evaluate, checkpoint, resume.
+and runs the loop: train, log, evaluate (`evaluation/evaluator.py`),
+checkpoint, resume.
 
 What is trained is set by two independent settings: where the inputs come
 from (`config.data_source`, see `sources.py`: images through the ResNet, or a
@@ -14,19 +15,17 @@ weights, and/or an earlier run (`config.init_from`).
 import functools
 import os
 import time
-from typing import Any
 
 from absl import logging
 import flax
 import jax
 import ml_collections
-import numpy as np
 
 from visionspeak_jax import errors
 from visionspeak_jax.data import input_pipeline
 from visionspeak_jax.data import sources
+from visionspeak_jax.evaluation import evaluator
 from visionspeak_jax.evaluation import metrics as metrics_lib
-from visionspeak_jax.models import captioner
 from visionspeak_jax.platform import cpu_tuning
 from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.run import config_checks
@@ -38,75 +37,6 @@ from visionspeak_jax.training import optimizer
 from visionspeak_jax.training import scst
 from visionspeak_jax.training import state as state_lib
 from visionspeak_jax.training import step as step_lib
-
-
-def evaluate(p_predict, state: state_lib.TrainState,
-             source: sources.DataSource, config: ml_collections.ConfigDict,
-             vocab: vocab_lib.Vocabulary, split: str,
-             shown: list[summaries.Shown] | None = None) -> dict[str, float]:
-  """Captions a split with beam search and scores it.
-
-  The first `summaries.NUM_FIGURES` images, with their captions and
-  attention, are appended to `shown` when it is given (image sources only).
-
-  Returns:
-    Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L, CIDEr)
-    and, for datasets with object annotations, content F1 and attention
-    grounding.
-  """
-  num_devices = input_pipeline.eval_devices(config)
-  references, predictions = {}, {}
-  words, alphas, objects = [], [], []
-  examples = source.eval_examples(split, config.num_eval_examples)
-  # Once for the whole split.
-  weights = captioner.decoding_weights(state.params["decoder"],
-                                       config.decode_dtype,
-                                       captioner.decoding_attention(config))
-  grid = captioner.grid(config)  # (h, w) of the attention maps
-  for inputs, batch in input_pipeline.batch_eval_examples(
-      examples, config.eval_batch_size):
-    decoded = p_predict(state.params, state.batch_stats, weights,
-                        {source.input_key: input_pipeline.shard(
-                            inputs, num_devices)})
-    tokens = np.asarray(decoded.tokens).reshape(len(inputs), -1)  # [B, L]
-    batch_alphas = np.asarray(decoded.alphas)
-    batch_alphas = batch_alphas.reshape((len(inputs),) +
-                                        batch_alphas.shape[2:])  # [B, L, R]
-    for i, ex in enumerate(batch):
-      caption, positions = vocab.decode_with_positions(tokens[i])
-      references[ex.image_id] = ex.references
-      predictions[ex.image_id] = " ".join(caption)
-      words.append(caption)
-      alphas.append(batch_alphas[i, positions])  # [len(caption), R]
-      objects.append(ex.objects)
-      if (shown is not None and source.input_key == "image" and
-          len(shown) < summaries.NUM_FIGURES):
-        shown.append(summaries.Shown(
-            ex.inputs, caption, alphas[-1].reshape(len(caption), *grid),
-            ex.references[0]))
-  for image_id in list(predictions)[:3]:
-    logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],
-                 references[image_id][0])
-  results = metrics_lib.caption_metrics(references, predictions,
-                                        use_java=config.metrics_use_java)
-  results["function_word_endings"] = metrics_lib.function_word_endings(
-      list(predictions.values()))
-  if source.has_objects:
-    results.update(metrics_lib.content_f1(
-        [" ".join(w) for w in words],
-        [[(o["color"], o["shape"]) for o in objs] for objs in objects]))
-    results["grounding"] = metrics_lib.attention_grounding(
-        words, alphas, objects, grid)
-    # What a peak cell drawn at random would score on the same images.
-    results["grounding_chance"] = metrics_lib.grounding_chance(
-        words, objects, grid)
-  results["num_images"] = len(predictions)
-  return results
-
-
-def _format(metrics: dict[str, Any]) -> str:
-  return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in sorted(metrics.items()))
 
 
 def _resume_or_start(config: ml_collections.ConfigDict, workdir: str,
@@ -260,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       steps_per_sec = (done - last_step) / max(now - last_time, 1e-9)
       eta = (config.num_train_steps - done) / max(steps_per_sec, 1e-9)
       logging.info("step %d/%d: %s, %.2f steps a second, ETA %.0f s", done,
-                   config.num_train_steps, _format(train_metrics),
+                   config.num_train_steps, evaluator.format_metrics(train_metrics),
                    steps_per_sec, eta)
       record = {"step": done, "split": "train", "steps_per_sec": steps_per_sec,
                 "learning_rate": float(learning_rate(step)), **train_metrics}
@@ -269,10 +199,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       last_time, last_step = now, done
     if evaluate_now:
       shown = []
-      eval_metrics = evaluate(p_predict, state, source, config, vocab,
-                              config.eval_split, shown)
+      eval_metrics = evaluator.evaluate(
+          p_predict, state.params, state.batch_stats, source, config, vocab,
+          config.eval_split, shown).metrics
       logging.info("eval %s at step %d: %s", config.eval_split, done,
-                   _format(eval_metrics))
+                   evaluator.format_metrics(eval_metrics))
       record = {"step": done, "split": config.eval_split, **eval_metrics}
       metrics_log.write(record)
       tensorboard.write(record, shown)
@@ -283,10 +214,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
       ckpt.save(done, state, vocab, config, info=source.run_info)
       saved_step = done
 
-  test_metrics = evaluate(p_predict, state, source, config, vocab,
-                          config.test_split)
+  test_metrics = evaluator.evaluate(
+      p_predict, state.params, state.batch_stats, source, config, vocab,
+      config.test_split).metrics
   logging.info("Final test evaluation (%s, step %d): %s", config.test_split,
-               int(state.step), _format(test_metrics))
+               int(state.step), evaluator.format_metrics(test_metrics))
   record = {"step": int(state.step), "split": config.test_split,
             **test_metrics}
   metrics_log.write(record)

@@ -1,10 +1,12 @@
 """TFDS input pipelines for the captioner (COCO captions and the shapes set).
 
-Both datasets share one layout: `image` (uint8), `image/id`, `captions`
+Every dataset shares one layout: `image` (uint8), `image/id`, `captions`
 (a sequence of `{"text": ...}`); the shapes set adds `objects` with boxes,
-colours and shapes. Training draws one reference caption per image visit,
-tokenises it with TensorFlow ops, pads it and batches; evaluation keeps every
-reference and the objects on the host for the metrics.
+colours and shapes. `karpathy_captions` (Flickr8k, Flickr30k, COCO or your
+own captions, from Karpathy's split files) has coco_captions' layout.
+Training draws one reference caption per image visit, tokenises it with
+TensorFlow ops, pads it and batches; evaluation keeps every reference and
+the objects on the host for the metrics.
 
 `TfdsSource` is the TFDS data source; `sample_captions`, `EvalExample` and
 the batching helpers also serve the feature cache.
@@ -27,7 +29,8 @@ from visionspeak_jax.text import vocabulary as vocab_lib
 # Datasets this package can generate itself, with the module that registers
 # each; anything else must be prepared.
 _LOCAL_DATASETS = {"shapes_captions": "shapes",
-                   "coco_rehearsal": "coco_rehearsal"}
+                   "coco_rehearsal": "coco_rehearsal",
+                   "karpathy_captions": "karpathy"}
 
 
 class DataError(errors.UserError):
@@ -37,8 +40,13 @@ class DataError(errors.UserError):
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `config.dataset`, prepared if it can be generated.
 
+  Datasets this package builds itself are prepared on first use: the shapes
+  set and the COCO rehearsal are drawn, karpathy_captions reads its files
+  from `config.manual_dir` (default: TFDS's <data_dir>/downloads/manual).
+
   Raises:
-    DataError: the dataset is unknown or must be downloaded first.
+    DataError: the dataset is unknown, must be downloaded first, or its
+      files cannot be used.
   """
   name = config.dataset
   local_module = _LOCAL_DATASETS.get(name.split("/")[0])
@@ -48,22 +56,40 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   data_dir = config.data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    # ValueError: a known dataset with an unknown config.
     raise DataError(f"Unknown dataset {name!r}: set --config.dataset to "
-                    "shapes_captions/default, coco_captions/2014 or "
-                    "coco_rehearsal/2014.") from e
+                    "shapes_captions/default, coco_captions/2014, "
+                    "coco_rehearsal/2014 or karpathy_captions/NAME (NAME: "
+                    "flickr8k, flickr30k, coco or custom).") from e
   if local_module:
+    # Nothing is fetched: not even TFDS's look for a prepared copy on GCS.
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=config.manual_dir or None, try_download_gcs=False)
     # Process 0 generates first so processes sharing a filesystem do not
     # write the same files at once; hosts with their own disks then
     # generate their own (identical, deterministic) copy.
     if jax.process_index() == 0 and not builder.is_prepared():
-      builder.download_and_prepare()
+      _prepare(builder, download_config)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"prepared {name}")
       builder = tfds.builder(name, data_dir=data_dir)
       if not builder.is_prepared():
-        builder.download_and_prepare()
+        _prepare(builder, download_config)
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder,
+             download_config: tfds.download.DownloadConfig) -> None:
+  """`download_and_prepare`; a builder's user error becomes a DataError.
+
+  TFDS writes into a temporary folder that it renames only on success, so a
+  failed build leaves nothing prepared and the next run builds afresh.
+  """
+  try:
+    builder.download_and_prepare(download_config=download_config)
+  except errors.UserError as e:
+    raise DataError(str(e)) from e
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str, *,
@@ -88,6 +114,30 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str, *,
     raise DataError(f"Split {split!r} is not in {builder.name} (it has "
                     f"{', '.join(builder.info.splits)}): fix "
                     "--config.*_split.") from e
+
+
+def _check_splits(builder: tfds.core.DatasetBuilder,
+                  config: ml_collections.ConfigDict) -> None:
+  """Refuses a split the dataset lacks now, not when the run first reads it.
+
+  The final test evaluation reads `test_split` only after training: a
+  dataset without it (a caption file with no test images) is better known
+  before hours of steps.
+
+  Raises:
+    DataError: a configured split is not in the prepared dataset.
+  """
+  splits = builder.info.splits
+  if not splits:
+    return  # Not prepared: `_read_split` says how to prepare it.
+  for field in ("train_split", "eval_split", "test_split"):
+    split = config[field]
+    try:
+      splits[split]  # Split expressions too: "train+restval", "val[:10%]".
+    except (KeyError, ValueError) as e:
+      raise DataError(
+          f"Split {split!r} of config.{field} is not in {config.dataset} (it "
+          f"has {', '.join(splits)}): fix --config.{field}.") from e
 
 
 def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -277,6 +327,7 @@ class TfdsSource:
     """
     self.config = config
     self.builder = get_builder(config)
+    _check_splits(self.builder, config)
     features = self.builder.info.features
     self.has_objects = ("objects" in features and
                         "color" in features["objects"].feature)

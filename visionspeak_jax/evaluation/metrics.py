@@ -18,7 +18,7 @@ import io
 import os
 import shutil
 import subprocess
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -258,6 +258,33 @@ def function_word_endings(captions: Sequence[str]) -> float:
   """
   ends = [(vocabulary.tokenize(c) or [""])[-1] for c in captions]
   return sum(e in FUNCTION_WORDS for e in ends) / len(ends) if ends else 0.0
+
+
+def caption_statistics(captions: Sequence[str],
+                       training_captions: Iterable[str]) -> dict[str, float]:
+  """What ruotianluo/self-critical's evaluation reports beside the scores.
+
+  Captions are compared as `vocabulary.tokenize` words, so case and
+  punctuation do not make a caption new.
+
+  Args:
+    captions: generated captions, one per image.
+    training_captions: every reference caption of the training split.
+
+  Returns:
+    `mean_length` (words per caption), `distinct_words` (words used at
+    least once), `novel` (share of captions that are not verbatim a
+    training reference) and `function_word_endings`.
+  """
+  words = [vocabulary.tokenize(c) for c in captions]
+  seen = {" ".join(vocabulary.tokenize(c)) for c in training_captions}
+  count = max(len(words), 1)
+  return {
+      "mean_length": sum(len(w) for w in words) / count,
+      "distinct_words": len({word for w in words for word in w}),
+      "novel": sum(" ".join(w) not in seen for w in words) / count,
+      "function_word_endings": function_word_endings(captions),
+  }
 
 
 def _mentions(words: Sequence[str]) -> list[tuple[int, str, str]]:

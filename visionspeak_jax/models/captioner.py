@@ -3,13 +3,14 @@
 Parameters live in one pytree `{"encoder": ..., "decoder": ...}`; the ResNet's
 BatchNorm statistics live beside it in `batch_stats`. A model trained on a
 feature cache has no encoder: its parameters are `{"decoder": ...}` and its
-inputs are the features themselves (see `features`).
+inputs are the features themselves (see `encode`).
 
 Initialisation here is random; weights from files or earlier runs are merged
 in by `restore`.
 """
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -248,36 +249,66 @@ def make_step_fn(weights: fast_decoder.DecodingWeights, features: jax.Array
   return step_fn, state
 
 
+def constraints(config: ml_collections.ConfigDict) -> decoding.Constraints:
+  """The run's decoding constraints, as its config's fields ask.
+
+  `config.suppress_unk` forbids <unk>, `config.block_trigrams` a repeated
+  trigram and `config.min_length` an EOS before that many words. A config
+  saved before these fields existed (an older run's checkpoint) has none of
+  them, and decodes without constraints as it did then.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    A hashable `decoding.Constraints`, to pass to `predict`.
+  """
+  return decoding.Constraints(
+      suppress_ids=(vocabulary.UNK_ID,) if config.get("suppress_unk") else (),
+      min_length=config.get("min_length", 0),
+      block_trigrams=bool(config.get("block_trigrams")))
+
+
 def greedy_caption(weights: fast_decoder.DecodingWeights, features: jax.Array,
-                   max_length: int) -> decoding.Decoded:
-  """Greedy captions for [B, R, C] features (`make_step_fn`'s weights)."""
+                   max_length: int,
+                   constraints: decoding.Constraints = decoding.Constraints()
+                   ) -> decoding.Decoded:
+  """Greedy captions for [B, R, C] features (`make_step_fn`'s weights).
+
+  `constraints` are words never picked; default none.
+  """
   step_fn, state = make_step_fn(weights, features)
   return decoding.greedy(step_fn, state, features.shape[0], max_length,
                          bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
-                         pad_id=vocabulary.PAD_ID)
+                         pad_id=vocabulary.PAD_ID, constraints=constraints)
 
 
 def beam_caption(weights: fast_decoder.DecodingWeights, features: jax.Array, *,
                  beam_size: int, max_length: int,
-                 length_penalty: float = 0.0) -> decoding.Decoded:
+                 length_penalty: float = 0.0,
+                 constraints: decoding.Constraints = decoding.Constraints()
+                 ) -> decoding.Decoded:
   """Beam-search captions for [B, R, C] features (beam_size 1 is greedy).
 
-  `weights` are `make_step_fn`'s.
+  `weights` are `make_step_fn`'s; `constraints` are words never picked,
+  default none.
   """
   if beam_size <= 1:
-    return greedy_caption(weights, features, max_length)
+    return greedy_caption(weights, features, max_length, constraints)
   step_fn, state = make_step_fn(weights, features)
   return decoding.beam_search(
       step_fn, state, features.shape[0], beam_size, max_length,
       bos_id=vocabulary.BOS_ID, eos_id=vocabulary.EOS_ID,
-      pad_id=vocabulary.PAD_ID, length_penalty=length_penalty)
+      pad_id=vocabulary.PAD_ID, length_penalty=length_penalty,
+      constraints=constraints)
 
 
 def predict(params: dict[str, Any], batch_stats: Any,
             weights: fast_decoder.DecodingWeights,
             inputs: dict[str, jax.Array], *,
             config: ml_collections.ConfigDict, beam_size: int,
-            max_length: int, length_penalty: float = 0.0
+            max_length: int, length_penalty: float = 0.0,
+            constraints: decoding.Constraints = decoding.Constraints()
             ) -> decoding.Decoded:
   """Captions a batch: encoder (inference mode), then beam search.
 
@@ -294,6 +325,8 @@ def predict(params: dict[str, Any], batch_stats: Any,
     beam_size: hypotheses per image; 1 is greedy.
     max_length: generated tokens at most (EOS included).
     length_penalty: GNMT exponent of the beam search.
+    constraints: words never picked (`constraints(config)` gives the run's);
+      default none.
 
   Returns:
     The `Decoded` captions and attention maps.
@@ -301,4 +334,28 @@ def predict(params: dict[str, Any], batch_stats: Any,
   feats, _ = encode(create_encoder(config), params, batch_stats, inputs,
                     train=False)  # [B, R, C]
   return beam_caption(weights, feats, beam_size=beam_size,
-                      max_length=max_length, length_penalty=length_penalty)
+                      max_length=max_length, length_penalty=length_penalty,
+                      constraints=constraints)
+
+
+def compile_predict(config: ml_collections.ConfigDict,
+                    devices: list[jax.Device] | None = None
+                    ) -> Callable[..., Any]:
+  """`predict` with the config's decoding settings, pmapped.
+
+  Args:
+    config: the run config: `beam_size`, `max_decode_length`,
+      `length_penalty` and the decoding constraints.
+    devices: the local devices to map over (default: all).
+
+  Returns:
+    p_predict(params, batch_stats, decoding weights, inputs), with inputs
+    sharded over the devices: [devices, B / devices, ...].
+  """
+  return jax.pmap(
+      functools.partial(predict, config=config, beam_size=config.beam_size,
+                        max_length=config.max_decode_length,
+                        length_penalty=config.length_penalty,
+                        constraints=constraints(config)),
+      axis_name="batch", in_axes=(None, None, None, 0), out_axes=0,
+      devices=devices)

@@ -11,8 +11,10 @@ search, so a step function must work row by row for any N.
 
 Three decoders share it: `greedy`, `beam_search` and `sample`. All of them
 compile with static sizes (wrap them in `jax.jit` with `functools.partial`).
+All of them take `Constraints`, rules on which words may be picked.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -36,6 +38,115 @@ class Decoded:
   alphas: jax.Array  # [B, L, *R] attention map of each token, 0 after EOS
 
 
+@dataclasses.dataclass(frozen=True)
+class Constraints:
+  """Rules on the words a decoder may pick, applied at every step.
+
+  Frozen and hashable, so it can be a static argument of `jax.jit` or
+  `jax.pmap` (or be closed over with `functools.partial`): each setting
+  compiles its own program, and the default, no rule, compiles exactly the
+  unconstrained decoder.
+
+  A forbidden word gets a log-probability of -inf before the choice. Nothing
+  is renormalised: scores stay the model's log-probabilities of the chosen
+  words, so they compare with unconstrained ones. A row where the rules
+  leave no word the model deems possible keeps its unconstrained
+  log-probabilities, so a decoder never has to choose among -inf alone.
+  """
+  suppress_ids: tuple[int, ...] = ()  # Words never emitted (e.g. <unk>).
+  min_length: int = 0  # EOS is forbidden before this many words; 0: none.
+  # No trigram twice within one hypothesis: a word that would complete a
+  # trigram the hypothesis already holds is forbidden. self-critical.pytorch's
+  # block_trigrams subtracts 2 ln 2 per earlier occurrence and notes that a
+  # larger weight works best; this is the limit of an infinite weight.
+  block_trigrams: bool = False
+
+  def __post_init__(self):
+    # A list would make the instance unhashable, so unusable as a static
+    # argument.
+    object.__setattr__(self, "suppress_ids",
+                       tuple(int(i) for i in self.suppress_ids))
+    if isinstance(self.min_length, bool) or self.min_length < 0:
+      raise ValueError(
+          f"min_length must be a whole number >= 0, got {self.min_length!r}.")
+
+  @property
+  def active(self) -> bool:
+    """Whether any rule is on (if not, decoders skip the masking)."""
+    return bool(self.suppress_ids or self.min_length > 0 or
+                self.block_trigrams)
+
+
+def _repeated_trigram_words(history: jax.Array, step: jax.Array,
+                            vocab_size: int) -> jax.Array:
+  """The words that would repeat a trigram of their row's history.
+
+  Args:
+    history: [N, L] int, the words of each row at positions 0..step-1 (what
+      follows is ignored).
+    step: [] int, the position of the next word.
+    vocab_size: V.
+
+  Returns:
+    [N, V] bool, True for w where (history[step-2], history[step-1], w)
+    already occurs at some positions (j, j+1, j+2), j + 2 < step.
+  """
+  n, length = history.shape
+  if length < 3:
+    return jnp.zeros((n, vocab_size), bool)
+  # The last two words; clamped indices only matter before step 2, where
+  # no j is valid.
+  last_two = jax.lax.dynamic_slice_in_dim(
+      history, jnp.maximum(step - 2, 0), 2, axis=1)  # [N, 2]
+  j = jnp.arange(length - 2)
+  same_prefix = ((history[:, :-2] == last_two[:, :1]) &
+                 (history[:, 1:-1] == last_two[:, 1:]) &
+                 (j + 2 < step))  # [N, L-2]
+  # A scatter of the L-2 candidate words costs less than comparing [N, L, V];
+  # words of no matching prefix go out of range and are dropped.
+  words = jnp.where(same_prefix, history[:, 2:], vocab_size)  # [N, L-2]
+  return jnp.zeros((n, vocab_size), bool).at[
+      jnp.arange(n)[:, None], words].set(True, mode="drop")
+
+
+def _forbidden(constraints: Constraints, step: jax.Array,
+               history: jax.Array | None, vocab_size: int, eos_id: int,
+               rows: int) -> jax.Array:
+  """Which words `constraints` forbid at `step`: [rows, V] bool.
+
+  Args:
+    constraints: the rules.
+    step: [] int, words generated so far.
+    history: [rows, L] int, the words so far; needed with block_trigrams.
+    vocab_size: V.
+    eos_id: end token.
+    rows: N.
+
+  Returns:
+    [N, V] bool, True for a forbidden word.
+  """
+  columns = jnp.zeros((vocab_size,), bool)  # [V], the same for every row
+  if constraints.suppress_ids:
+    columns = columns.at[jnp.array(constraints.suppress_ids)].set(True)
+  if constraints.min_length > 0:
+    columns = columns.at[eos_id].set(columns[eos_id] |
+                                     (step < constraints.min_length))
+  forbidden = jnp.broadcast_to(columns, (rows, vocab_size))
+  if constraints.block_trigrams:
+    forbidden = forbidden | _repeated_trigram_words(history, step, vocab_size)
+  return forbidden
+
+
+def _mask(x: jax.Array, forbidden: jax.Array) -> jax.Array:
+  """-inf at the forbidden words of [N, V] logits or log-probabilities.
+
+  A row left with -inf alone keeps its values (see `Constraints`).
+  """
+  masked = jnp.where(forbidden, -jnp.inf, x)
+  stuck = jnp.isneginf(masked).all(-1, keepdims=True)  # [N, 1]
+  return jnp.where(stuck, x, masked)
+
+
 # Picks the next word from a step's float32 logits [B, V], their
 # log-probabilities [B, V] and the step index []: [B] int.
 _ChooseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -43,7 +154,8 @@ _ChooseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 def _decode_one_path(step_fn: StepFn, state: Any, batch_size: int,
                      max_length: int, choose: _ChooseFn, *, bos_id: int,
-                     eos_id: int, pad_id: int) -> Decoded:
+                     eos_id: int, pad_id: int,
+                     constraints: Constraints = Constraints()) -> Decoded:
   """The scan shared by `greedy` and `sample`: one path per image.
 
   Args:
@@ -55,17 +167,23 @@ def _decode_one_path(step_fn: StepFn, state: Any, batch_size: int,
     bos_id: first input token.
     eos_id: end token; later positions become `pad_id`.
     pad_id: filler after EOS.
+    constraints: words `choose` never sees as possible.
 
   Returns:
     A `Decoded`; scores sum the model's log-probabilities of the chosen words.
   """
 
   def body(carry, t):
-    tokens, state, done, score = carry
+    tokens, state, done, score, history = carry
     logits, state, alpha = step_fn(tokens, state)
     logits = logits.astype(jnp.float32)  # [B, V]
     logprobs = jax.nn.log_softmax(logits)
-    word = choose(logits, logprobs, t)  # [B]
+    if constraints.active:
+      forbidden = _forbidden(constraints, t, history, logits.shape[-1],
+                             eos_id, batch_size)  # [B, V]
+      word = choose(_mask(logits, forbidden), _mask(logprobs, forbidden), t)
+    else:
+      word = choose(logits, logprobs, t)  # [B]
     score = score + jnp.where(
         done, 0.0, jnp.take_along_axis(logprobs, word[:, None], -1)[:, 0])
     word = jnp.where(done, pad_id, word).astype(jnp.int32)
@@ -74,12 +192,18 @@ def _decode_one_path(step_fn: StepFn, state: Any, batch_size: int,
                       jnp.zeros_like(alpha), alpha)
     emitted = ~done
     done = done | (word == eos_id)
-    return (word, state, done, score), (word, alpha,
-                                        emitted & (word != eos_id))
+    if history is not None:
+      history = history.at[:, t].set(word)
+    return (word, state, done, score, history), (word, alpha,
+                                                 emitted & (word != eos_id))
 
+  # The words so far, carried only for the trigram rule; None adds nothing
+  # to the scan.
+  history = (jnp.full((batch_size, max_length), pad_id, jnp.int32)
+             if constraints.block_trigrams else None)  # [B, L]
   init = (jnp.full((batch_size,), bos_id, jnp.int32), state,
-          jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,)))
-  (_, _, _, score), (tokens, alphas, is_word) = jax.lax.scan(
+          jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,)), history)
+  (_, _, _, score, _), (tokens, alphas, is_word) = jax.lax.scan(
       body, init, jnp.arange(max_length))
   # Time-major back to batch-major: [L, B, ...] -> [B, L, ...].
   return Decoded(tokens=tokens.T, scores=score,
@@ -88,8 +212,9 @@ def _decode_one_path(step_fn: StepFn, state: Any, batch_size: int,
 
 
 def greedy(step_fn: StepFn, state: Any, batch_size: int, max_length: int, *,
-           bos_id: int, eos_id: int, pad_id: int = 0) -> Decoded:
-  """Picks the most likely word at every step, for `max_length` steps.
+           bos_id: int, eos_id: int, pad_id: int = 0,
+           constraints: Constraints = Constraints()) -> Decoded:
+  """Picks the most likely allowed word at every step, for `max_length` steps.
 
   Args:
     step_fn: the step function.
@@ -99,6 +224,7 @@ def greedy(step_fn: StepFn, state: Any, batch_size: int, max_length: int, *,
     bos_id: first input token.
     eos_id: end token; later positions become `pad_id`.
     pad_id: filler after EOS.
+    constraints: words never picked; default none.
 
   Returns:
     A `Decoded`; alphas are zeros after EOS.
@@ -109,7 +235,7 @@ def greedy(step_fn: StepFn, state: Any, batch_size: int, max_length: int, *,
   return _decode_one_path(
       step_fn, state, batch_size, max_length,
       lambda logits, logprobs, t: logprobs.argmax(-1),
-      bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+      bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, constraints=constraints)
 
 
 def _length_penalty(length: jax.Array | int, exponent: float) -> jax.Array:
@@ -220,13 +346,16 @@ def _init_hypotheses(b: int, k: int, l: int, alpha_tail: tuple[int, ...],
       alphas=jnp.zeros((b, k, l) + tuple(alpha_tail), dtype))
 
 
-def _best_candidates(live_scores: jax.Array, logits: jax.Array
+def _best_candidates(live_scores: jax.Array, logits: jax.Array,
+                     forbidden: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Ranks every extension of every live beam; keeps the best 2K per image.
 
   Args:
     live_scores: [B, K] raw log-prob sums of the live beams.
     logits: [B*K, V] the step's logits, row b * K + k for beam k of image b.
+    forbidden: [B*K, V] bool, extensions scored -inf (see `Constraints`);
+      None forbids none.
 
   Returns:
     (scores [B, C] raw log-prob sums, best first; parent [B, C] live beam
@@ -239,7 +368,10 @@ def _best_candidates(live_scores: jax.Array, logits: jax.Array
   # A beam's best 2K words hold all of its candidates that can make its
   # image's best 2K, so only they are normalised (as log_softmax does it)
   # and ranked.
-  word_logits, words = top_k(logits, num_words)  # [B*K, V] -> [B*K, 2K]
+  ranked = logits if forbidden is None else _mask(logits, forbidden)
+  word_logits, words = top_k(ranked, num_words)  # [B*K, V] -> [B*K, 2K]
+  # The normaliser is the model's over every word, so a forbidden word's
+  # mass is not handed to the others.
   shift = logits.max(-1, keepdims=True)
   logprobs = (word_logits - shift) - jnp.log(
       jnp.exp(logits - shift).sum(-1, keepdims=True))
@@ -334,7 +466,8 @@ def _best_reachable(live_scores: jax.Array, step: jax.Array, max_length: int,
 def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
                      beam_size: int, max_length: int, *, bos_id: int,
                      eos_id: int, pad_id: int = 0,
-                     length_penalty: float = 0.0) -> BeamState:
+                     length_penalty: float = 0.0,
+                     constraints: Constraints = Constraints()) -> BeamState:
   """Runs the beam search and returns its final `BeamState`.
 
   `beam_search` reads the answer out of this state; the state itself is
@@ -362,6 +495,8 @@ def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
     pad_id: filler after EOS.
     length_penalty: GNMT exponent; finished scores are log-prob sums divided
       by ((5 + tokens) / 6) ** length_penalty. 0 keeps raw sums.
+    constraints: extensions never made, each beam's own words being its
+      history; default none.
 
   Returns:
     The final `BeamState`.
@@ -380,7 +515,13 @@ def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
   def expand(s: BeamState, logits, cache, alpha) -> BeamState:
     """Extends every live beam by the step's words: [B*K] rows in."""
     t = s.step
-    scores, parent, word = _best_candidates(s.live.scores, logits)  # [B, 2K]
+    forbidden = None
+    if constraints.active:  # Every live beam holds t words.
+      forbidden = _forbidden(constraints, t, _beams_to_flat(s.live.tokens),
+                             logits.shape[-1], eos_id,
+                             logits.shape[0])  # [B*K, V]
+    scores, parent, word = _best_candidates(s.live.scores, logits,
+                                            forbidden)  # [B, 2K]
     candidates = _grow(s.live, parent, scores, word, _flat_to_beams(alpha, b),
                        t)
     is_eos = word == eos_id
@@ -424,7 +565,8 @@ def beam_search_loop(step_fn: StepFn, state: Any, batch_size: int,
 
 def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int,
                 max_length: int, *, bos_id: int, eos_id: int, pad_id: int = 0,
-                length_penalty: float = 0.0) -> Decoded:
+                length_penalty: float = 0.0,
+                constraints: Constraints = Constraints()) -> Decoded:
   """Batched beam search; returns the best hypothesis of every image.
 
   The search stops early once, for every image, the K finished slots are
@@ -446,6 +588,7 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int,
     pad_id: filler after EOS.
     length_penalty: GNMT exponent; scores are log-prob sums divided by
       ((5 + tokens) / 6) ** length_penalty, tokens counting the EOS.
+    constraints: extensions never made; default none.
 
   Returns:
     A `Decoded`: tokens [B, L] with EOS where the caption ended and PAD after,
@@ -454,7 +597,7 @@ def beam_search(step_fn: StepFn, state: Any, batch_size: int, beam_size: int,
   """
   s = beam_search_loop(step_fn, state, batch_size, beam_size, max_length,
                        bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                       length_penalty=length_penalty)
+                       length_penalty=length_penalty, constraints=constraints)
   has_finished = s.finished.scores[:, 0] > -jnp.inf  # [B]
   # Best finished hypothesis, else best live one (its length is the step).
   best = jax.tree.map(
@@ -501,7 +644,8 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 def sample(step_fn: StepFn, state: Any, batch_size: int, max_length: int,
            rng: jax.Array, *, bos_id: int, eos_id: int, pad_id: int = 0,
            temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> Decoded:
+           top_p: float = 1.0,
+           constraints: Constraints = Constraints()) -> Decoded:
   """Ancestral sampling with temperature, top-k and nucleus (top-p) filters.
 
   Step t draws with the key `jax.random.fold_in(rng, t)`. The scores are the
@@ -523,6 +667,8 @@ def sample(step_fn: StepFn, state: Any, batch_size: int, max_length: int,
     top_k: sample only among the k most likely words; 0 turns it off.
     top_p: sample only among the fewest most likely words whose probability
       reaches top_p; 1.0 turns it off.
+    constraints: words never drawn, taken out before the filters; default
+      none.
 
   Returns:
     A `Decoded`; alphas are zeros after EOS.
@@ -544,4 +690,5 @@ def sample(step_fn: StepFn, state: Any, batch_size: int, max_length: int,
     return jax.random.categorical(jax.random.fold_in(rng, t), filtered)
 
   return _decode_one_path(step_fn, state, batch_size, max_length, draw,
-                          bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+                          bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                          constraints=constraints)

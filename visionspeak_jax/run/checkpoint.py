@@ -97,6 +97,35 @@ def quiet_failed_reads() -> None:
           "Given directory is read only"))
 
 
+def saved_config(directory: str, step: int | None = None
+                 ) -> ml_collections.ConfigDict | None:
+  """The config saved with a checkpoint, read before JAX's backend starts.
+
+  A tool that restores a run chooses the CPU device split from the run's
+  config, and that choice must precede anything that starts JAX, which
+  opening a `Checkpointer` does. This reads the config item alone.
+
+  Args:
+    directory: the checkpoint directory.
+    step: the step; default the newest finished one.
+
+  Returns:
+    The config, or None where it cannot be read (the restore that follows
+    reports why).
+  """
+  try:
+    root = epath.Path(paths.absolute(directory))
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    if step is None:
+      step = steps[-1] if steps else None
+    if step is None or step not in steps:
+      return None
+    saved = ocp.JsonCheckpointHandler().restore(root / str(step) / "config")
+    return ml_collections.ConfigDict(saved)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 class CheckpointError(errors.UserError):
   """A checkpoint that cannot be used, with a message that says what to do."""
 

@@ -42,6 +42,10 @@ _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
                  "grad_clip_norm", "alpha_c", "length_penalty",
                  "hard_attention.reinforce_weight",
                  "hard_attention.entropy_weight")
+# Fields that must be True or False.
+_BOOLS = ("suppress_unk", "block_trigrams")
+# Fields that must be strings ("" where they are optional).
+_STRINGS = ("manual_dir",)
 # Fields with a fixed set of values.
 _CHOICES = {
     "data_source": sources.KINDS,
@@ -89,6 +93,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"config.{path} must be a number >= 0, got {value!r}: fix "
           f"--config.{path}.")
+  for path in _BOOLS:
+    value = _get(config, path)
+    if not isinstance(value, bool):
+      raise errors.ConfigError(
+          f"config.{path} must be True or False, got {value!r}: fix "
+          f"--config.{path}.")
+  for path in _STRINGS:
+    value = _get(config, path)
+    if not isinstance(value, str):
+      raise errors.ConfigError(
+          f"config.{path} must be a string (\"\" for the default), got "
+          f"{value!r}: fix --config.{path}.")
+  # max_decode_length is a whole number >= 1 by now. A minimum that reaches
+  # it would forbid every EOS.
+  min_length = config.min_length
+  if (isinstance(min_length, bool) or not isinstance(min_length, int)
+      or not 0 <= min_length < config.max_decode_length):
+    raise errors.ConfigError(
+        f"config.min_length must be a whole number >= 0 and below "
+        f"config.max_decode_length ({config.max_decode_length}), got "
+        f"{min_length!r}: fix --config.min_length.")
   for name in config.lr_mults:
     optimizer.multiplier(config, name)
   for path, choices in _CHOICES.items():

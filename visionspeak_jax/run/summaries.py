@@ -22,7 +22,6 @@ that of the resume.
 Only process 0 of a multi-process run writes (`enabled`).
 """
 
-import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -31,25 +30,14 @@ import numpy as np
 from tensorboard.backend.event_processing import event_file_loader
 import tensorflow as tf
 
+from visionspeak_jax.evaluation import evaluator
 from visionspeak_jax.run import figures
 
 SUBDIR = "tensorboard"
-# Validation images whose attention figures are drawn at every evaluation:
-# the first few of the split, the same ones every time.
-NUM_FIGURES = 3
 _EVENTS_GLOB = "events.out.tfevents.*"
 
 
-@dataclasses.dataclass
-class Shown:
-  """One evaluation image, captioned, for an attention figure."""
-  image: np.ndarray  # uint8 [S, S, 3]
-  words: list[str]
-  alphas: np.ndarray  # [len(words), h, w], one map per word
-  reference: str
-
-
-def figure_array(shown: Shown) -> np.ndarray:
+def figure_array(shown: evaluator.Shown) -> np.ndarray:
   """The attention figure of `shown` as uint8 [H, W, 3]."""
   return figures.attention_figure_array(shown.image, shown.words,
                                         shown.alphas, panel_size=128)
@@ -108,7 +96,7 @@ class TensorBoardLog:
                    "written after it.", len(kept), step, dropped)
 
   def write(self, record: dict[str, Any],
-            shown: Sequence[Shown] = ()) -> None:
+            shown: Sequence[evaluator.Shown] = ()) -> None:
     """Writes a `MetricsLog` record's numbers, and attention figures.
 
     Args:

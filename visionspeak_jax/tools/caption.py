@@ -2,7 +2,7 @@ r"""Captions image files with a trained checkpoint; optionally draws attention.
 
   python -m visionspeak_jax.tools.caption --workdir=DIR [--beam_size=5] \
       [--batch_size=16] [--max_length=N] [--output=DIR] [--json] [--step=N] \
-      [--best] IMAGE...
+      [--best] [--suppress_unk] [--block_trigrams] [--min_length=N] IMAGE...
 
 Prints `PATH: caption` per image in input order (a JSON object per line with
 --json); an image that cannot be read prints `PATH: error: ...` on stderr and
@@ -35,6 +35,7 @@ import numpy as np
 
 from visionspeak_jax.data import images as images_lib
 from visionspeak_jax.models import captioner
+from visionspeak_jax.models import decoding
 from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.run import figures
 from visionspeak_jax.run import restore
@@ -72,14 +73,36 @@ class Captioner:
           captioner.decoding_attention(self.config))
     return self._weights[decode_dtype]
 
-  def compiled(self, beam_size: int, max_length: int,
-               length_penalty: float):
+  def constraints(self, *, suppress_unk: bool | None = None,
+                  block_trigrams: bool | None = None,
+                  min_length: int | None = None) -> decoding.Constraints:
+    """The run's decoding constraints; an argument given overrides its field.
+
+    Args:
+      suppress_unk: never emit <unk>; default the config's.
+      block_trigrams: no trigram twice in a caption; default the config's.
+      min_length: words before EOS at least; default the config's.
+
+    Returns:
+      `captioner.constraints` of the config with the overrides.
+    """
+    given = {"suppress_unk": suppress_unk, "block_trigrams": block_trigrams,
+             "min_length": min_length}
+    fields = {name: self.config.get(name) if value is None else value
+              for name, value in given.items()}
+    # A field an older run's config lacks stays absent: no constraint.
+    return captioner.constraints(ml_collections.ConfigDict(
+        {name: value for name, value in fields.items() if value is not None}))
+
+  def compiled(self, beam_size: int, max_length: int, length_penalty: float,
+               constraints: decoding.Constraints = decoding.Constraints()):
     """`captioner.predict`, jitted for these decoding settings."""
-    key = (beam_size, max_length, length_penalty)
+    key = (beam_size, max_length, length_penalty, constraints)
     if key not in self._compiled:
       self._compiled[key] = jax.jit(functools.partial(
           captioner.predict, config=self.config, beam_size=beam_size,
-          max_length=max_length, length_penalty=length_penalty))
+          max_length=max_length, length_penalty=length_penalty,
+          constraints=constraints))
     return self._compiled[key]
 
 
@@ -128,7 +151,10 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
                    beam_size: int = 5, batch_size: int = 16,
                    max_length: int | None = None,
                    length_penalty: float = 0.0,
-                   decode_dtype: str | None = None) -> list[Caption]:
+                   decode_dtype: str | None = None,
+                   suppress_unk: bool | None = None,
+                   block_trigrams: bool | None = None,
+                   min_length: int | None = None) -> list[Caption]:
   """Captions preprocessed images.
 
   Every batch, the last one padded, has `batch_size` images, so a run
@@ -144,6 +170,11 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
     length_penalty: passed to the beam search.
     decode_dtype: "float32" or "bfloat16" matmul inputs; default the run's
       `decode_dtype`.
+    suppress_unk: never emit <unk>; default the config's `suppress_unk`.
+    block_trigrams: no trigram twice within a caption; default the config's
+      `block_trigrams`.
+    min_length: words before EOS at least; default the config's
+      `min_length`.
 
   Returns:
     N captions, in order.
@@ -158,7 +189,10 @@ def caption_arrays(captioner: Captioner, images: np.ndarray, *,
     raise ValueError("beam_size and batch_size must be at least 1.")
   max_length = max_length or captioner.config.max_decode_length
   weights = captioner.decoding_weights(decode_dtype or captioner.decode_dtype)
-  fn = captioner.compiled(beam_size, max_length, length_penalty)
+  constraints = captioner.constraints(suppress_unk=suppress_unk,
+                                      block_trigrams=block_trigrams,
+                                      min_length=min_length)
+  fn = captioner.compiled(beam_size, max_length, length_penalty, constraints)
   h, w = captioner.grid
   results = []
   for start in range(0, len(images), batch_size):
@@ -204,6 +238,9 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
         output: str | None = None, as_json: bool = False,
         step: int | None = None, best: bool = False,
         decode_dtype: str | None = None,
+        suppress_unk: bool | None = None,
+        block_trigrams: bool | None = None,
+        min_length: int | None = None,
         stdout: TextIO | None = None,
         stderr: TextIO | None = None) -> int:
   """Captions image files and prints the results: what the CLI does.
@@ -222,6 +259,10 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
     step: the checkpoint step; default the latest.
     best: use the run's best checkpoint instead of its latest.
     decode_dtype: "float32" or "bfloat16" matmul inputs; default the run's.
+    suppress_unk: never emit <unk>; default the run's config.
+    block_trigrams: no trigram twice within a caption; default the run's
+      config.
+    min_length: words before EOS at least; default the run's config.
     stdout: where captions go (default sys.stdout).
     stderr: where errors go (default sys.stderr).
 
@@ -263,7 +304,10 @@ def run(paths: Sequence[str], *, workdir: str, beam_size: int = 5,
     captions = caption_arrays(captioner, np.stack(images),
                               beam_size=beam_size, batch_size=batch_size,
                               max_length=max_length,
-                              decode_dtype=decode_dtype)
+                              decode_dtype=decode_dtype,
+                              suppress_unk=suppress_unk,
+                              block_trigrams=block_trigrams,
+                              min_length=min_length)
     for path, image, caption in zip(good, images, captions):
       figure = None
       if output:
@@ -314,6 +358,13 @@ def _define_flags() -> None:
                     "Matmul inputs of the decoder; bfloat16 is faster on CPUs "
                     "with AVX512-BF16 and on GPUs/TPUs. Default: the run's "
                     "config.decode_dtype.")
+  flags.DEFINE_bool("suppress_unk", None, "Never emit <unk>. Default: the "
+                    "run's config.suppress_unk.")
+  flags.DEFINE_bool("block_trigrams", None, "No trigram twice within a "
+                    "caption. Default: the run's config.block_trigrams.")
+  flags.DEFINE_integer("min_length", None, "Words before EOS at least (0: no "
+                       "minimum). Default: the run's config.min_length.",
+                       lower_bound=0)
   flags.mark_flag_as_required("workdir")
 
 
@@ -332,7 +383,10 @@ def main(argv):
   sys.exit(run(argv[1:], workdir=FLAGS.workdir, beam_size=FLAGS.beam_size,
                batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                output=FLAGS.output, as_json=FLAGS.json, step=FLAGS.step,
-               best=FLAGS.best, decode_dtype=FLAGS.decode_dtype))
+               best=FLAGS.best, decode_dtype=FLAGS.decode_dtype,
+               suppress_unk=FLAGS.suppress_unk,
+               block_trigrams=FLAGS.block_trigrams,
+               min_length=FLAGS.min_length))
 
 
 if __name__ == "__main__":

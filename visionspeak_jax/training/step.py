@@ -172,13 +172,7 @@ def compile_steps(config: ml_collections.ConfigDict,
       in_axes=(None, 0, None), out_axes=(None, None),
       donate_argnums=(0,) if jax.process_count() == 1 else (),
       devices=devices)
-  p_predict = jax.pmap(
-      functools.partial(captioner.predict, config=config,
-                        beam_size=config.beam_size,
-                        max_length=config.max_decode_length,
-                        length_penalty=config.length_penalty),
-      axis_name="batch", in_axes=(None, None, None, 0), out_axes=0,
-      devices=devices)
+  p_predict = captioner.compile_predict(config, devices)
   return p_train_step, p_predict
 
 
