@@ -12,6 +12,7 @@ from tensorboard.util import tensor_util
 
 from configs import tiny
 from visionspeak_jax import train
+from visionspeak_jax.evaluation import evaluator
 from visionspeak_jax.run import summaries
 from visionspeak_jax.training import optimizer
 
@@ -110,7 +111,7 @@ def test_training_writes_scalars_and_attention_images(tiny_data_dir,
 
   images = set(acc.PluginTagToContent("images"))
   expected = {f"validation/attention/{i}"
-              for i in range(summaries.NUM_FIGURES)}
+              for i in range(evaluator.NUM_FIGURES)}
   assert images == expected
   for tag in expected:
     events = acc.Tensors(tag)
