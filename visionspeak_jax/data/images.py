@@ -50,7 +50,7 @@ class ImageError(ValueError):
     self.reason = reason
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
   """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
   if image.mode == "P" and "transparency" in image.info:
     image = image.convert("RGBA")
@@ -155,7 +155,7 @@ def load_image(path: str, size: int) -> np.ndarray:
           image = _reduce(image, request)
         if transpose is not None:
           image = image.transpose(transpose)
-        image = _reduce(_to_rgb(image), request)  # Modes skipped above too.
+        image = _reduce(to_rgb(image), request)  # Modes skipped above too.
         pixels = np.asarray(image, np.uint8)  # [H, W, 3]
   except Image.DecompressionBombError as e:
     raise ImageError(path, "the image has too many pixels to decode safely; "

@@ -249,7 +249,10 @@ def make_step_fn(weights: fast_decoder.DecodingWeights, features: jax.Array
   return step_fn, state
 
 
-def constraints(config: ml_collections.ConfigDict) -> decoding.Constraints:
+def constraints(config: ml_collections.ConfigDict, *,
+                suppress_unk: bool | None = None,
+                block_trigrams: bool | None = None,
+                min_length: int | None = None) -> decoding.Constraints:
   """The run's decoding constraints, as its config's fields ask.
 
   `config.suppress_unk` forbids <unk>, `config.block_trigrams` a repeated
@@ -259,14 +262,22 @@ def constraints(config: ml_collections.ConfigDict) -> decoding.Constraints:
 
   Args:
     config: the run config.
+    suppress_unk: overrides the config's field when given.
+    block_trigrams: overrides the config's field when given.
+    min_length: overrides the config's field when given.
 
   Returns:
     A hashable `decoding.Constraints`, to pass to `predict`.
   """
+  if suppress_unk is None:
+    suppress_unk = config.get("suppress_unk", False)
+  if block_trigrams is None:
+    block_trigrams = config.get("block_trigrams", False)
+  if min_length is None:
+    min_length = config.get("min_length", 0)
   return decoding.Constraints(
-      suppress_ids=(vocabulary.UNK_ID,) if config.get("suppress_unk") else (),
-      min_length=config.get("min_length", 0),
-      block_trigrams=bool(config.get("block_trigrams")))
+      suppress_ids=(vocabulary.UNK_ID,) if suppress_unk else (),
+      min_length=min_length, block_trigrams=bool(block_trigrams))
 
 
 def greedy_caption(weights: fast_decoder.DecodingWeights, features: jax.Array,

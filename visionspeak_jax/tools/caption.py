@@ -86,13 +86,9 @@ class Captioner:
     Returns:
       `captioner.constraints` of the config with the overrides.
     """
-    given = {"suppress_unk": suppress_unk, "block_trigrams": block_trigrams,
-             "min_length": min_length}
-    fields = {name: self.config.get(name) if value is None else value
-              for name, value in given.items()}
-    # A field an older run's config lacks stays absent: no constraint.
-    return captioner.constraints(ml_collections.ConfigDict(
-        {name: value for name, value in fields.items() if value is not None}))
+    return captioner.constraints(self.config, suppress_unk=suppress_unk,
+                                 block_trigrams=block_trigrams,
+                                 min_length=min_length)
 
   def compiled(self, beam_size: int, max_length: int, length_penalty: float,
                constraints: decoding.Constraints = decoding.Constraints()):

@@ -414,7 +414,7 @@ def read_image(path: str, json_path: str) -> bytes:
         image.load()
         buffer = io.BytesIO()
         # The caption CLI's conversion: alpha on white, 16-bit scaled.
-        images_lib._to_rgb(image).save(  # pylint: disable=protected-access
+        images_lib.to_rgb(image).save(
             buffer, format="jpeg", quality=_REENCODE_QUALITY)
         return buffer.getvalue()
   except Exception as e:  # pylint: disable=broad-except
