@@ -7,6 +7,8 @@ Prints one table with these sections:
   `configs/coco.py` (ResNet-101 at 224 px, the 512-d decoder) on random
   images and captions, encoder frozen and fine-tuned, float32 and bfloat16,
   with images/s and model FLOP utilisation;
+- the default run's training step (`configs/shapes.py`: the tiny ResNet
+  and its small decoder), float32 and bfloat16;
 - the decoder alone on pre-extracted features: its training step and
   batched beam search;
 - the input pipeline alone (JPEG decode, resize, tokenise) on the
@@ -58,6 +60,7 @@ import optax
 
 from configs import coco
 from configs import coco_finetune
+from configs import shapes
 from visionspeak_jax.models import captioner
 from visionspeak_jax.models import decoder
 from visionspeak_jax.models import decoding
@@ -122,6 +125,12 @@ _COCO_STEPS = flags.DEFINE_integer("coco_steps", 3,
                                    "COCO steps per timed repeat.")
 _COCO_REPEATS = flags.DEFINE_integer("coco_repeats", 3,
                                      "Timed COCO repeats (median).")
+_SHAPES_DTYPES = flags.DEFINE_list(
+    "shapes_dtypes", ["float32", "bfloat16"],
+    "config.dtype values of the default run's step (configs/shapes.py); "
+    "empty skips it.")
+_SHAPES_STEPS = flags.DEFINE_integer("shapes_steps", 20,
+                                     "Shapes steps per timed repeat.")
 _PIPELINE_DATASET = flags.DEFINE_string(
     "pipeline_dataset", "coco_rehearsal/2014",
     "TFDS set of the input pipeline section (coco_rehearsal/2014: built on "
@@ -921,6 +930,48 @@ def coco_section(*, variants: list[str], dtypes: list[str],
   return rates
 
 
+# Words of the shapes set's vocabulary (`configs/shapes.py` builds 43).
+SHAPES_VOCAB = 43
+
+
+def shapes_section(*, dtypes: list[str], steps: int, repeats: int,
+                   seed: int) -> None:
+  """Times the default run's training step per `config.dtype`; prints rows.
+
+  `step.compile_steps` of `configs/shapes.py` (the tiny ResNet at 64 px,
+  trained from scratch, and its small decoder, batch 32) on random images
+  and captions, as `time_coco_step` times the COCO step. The run itself
+  splits the CPU into one device per core; here it is one device.
+
+  Args:
+    dtypes: `config.dtype` values.
+    steps: steps per timed repeat.
+    repeats: timed repeats (median).
+    seed: seeds parameters and data.
+  """
+  times = {}
+  for dtype_name in dtypes:
+    config = shapes.get_config()
+    config.dtype = dtype_name
+    devices = jax.local_device_count()
+    config.batch_size = config.batch_size // devices * devices
+    params, batch_stats = jax.jit(functools.partial(
+        captioner.init, config=config, vocab_size=SHAPES_VOCAB))(
+            jax.random.key(seed))
+    timed = time_coco_step(config, params, batch_stats,
+                           vocab_size=SHAPES_VOCAB, steps=steps,
+                           repeats=repeats, seed=seed)
+    times[dtype_name] = timed["step_s"]
+    flops = timed["dot"] + timed["conv"]
+    versus = (f", {times['float32'] / timed['step_s']:.2f}x float32"
+              if dtype_name != "float32" and "float32" in times else "")
+    row(f"shapes {dtype_name} steps/s", f"{1 / timed['step_s']:.1f}",
+        f"{timed['step_s'] * 1e3:.1f} ms/step (best "
+        f"{timed['best_s'] * 1e3:.1f}){versus}, {flops / 1e9:.2f} GFLOP "
+        f"(convs {timed['conv'] / flops:.0%}), compile "
+        f"{timed['compile_s']:.0f} s")
+
+
 def pipeline_section(*, dataset: str, data_dir: str, batches: int,
                      shuffle_buffer: int, feed_rate: float, feed_note: str
                      ) -> None:
@@ -1044,6 +1095,10 @@ def main(argv):
         image_size=_COCO_IMAGE_SIZE.value, resnet_size=_COCO_RESNET.value,
         vocab_size=_VOCAB.value, steps=_COCO_STEPS.value,
         repeats=_COCO_REPEATS.value, seed=_SEED.value, peaks=peaks)
+
+  if _SHAPES_DTYPES.value:
+    shapes_section(dtypes=_SHAPES_DTYPES.value, steps=_SHAPES_STEPS.value,
+                   repeats=_COCO_REPEATS.value, seed=_SEED.value)
 
   flops_items = None
   if _DECODER_STEP.value:

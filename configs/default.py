@@ -106,7 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "bfloat16" for mixed precision (bfloat16 convolution/matmul inputs and
   # ResNet activations; parameters, optimizer state, BatchNorm statistics,
   # softmax and loss in float32), as flax/examples/imagenet's half_precision.
-  config.dtype = "float32"
+  # "auto": bfloat16 on a CPU with AMX matrix units, float32 elsewhere
+  # (visionspeak_jax/platform/dtypes.py), chosen when the run starts.
+  config.dtype = "auto"
 
   # Training objective: "xe" (cross-entropy on the references) or "scst"
   # (self-critical: CIDEr-D rewards of sampled captions, see
@@ -148,8 +150,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.length_penalty = 0.0  # GNMT length penalty exponent; 0 = raw sums.
   # Matmul inputs of greedy/beam decoding (evaluation, caption CLI):
   # "float32", or "bfloat16" (products still summed in float32; faster on
-  # CPUs with AVX512-BF16 and on GPUs/TPUs, see benchmarks/README.md).
-  config.decode_dtype = "float32"
+  # CPUs with AVX512-BF16 or AMX and on GPUs/TPUs, see benchmarks/README.md);
+  # "auto" chooses as for `dtype`.
+  config.decode_dtype = "auto"
   # Decoding constraints, in greedy and beam search alike: never emit
   # <unk>; no trigram twice within a caption (ruotianluo/self-critical's
   # block_trigrams); at least min_length words before EOS (0 = no minimum).

@@ -46,7 +46,7 @@ def test_coco_step_rows():
       _BENCHMARK, "--coco_resnet=tiny", "--coco_image_size=32",
       "--coco_batch=2", "--coco_steps=1", "--coco_repeats=1",
       "--vocab_size=50", "--peak_size=128", "--decoder_step=false",
-      "--beam_sizes=", "--pipeline_dataset=").stdout
+      "--beam_sizes=", "--pipeline_dataset=", "--shapes_dtypes=").stdout
   assert "cpu: cpu x 2" in out  # The header names platform and devices.
   for dtype in ("float32", "bfloat16"):
     assert re.search(rf"matmul peak {dtype} \(GFLOP/s\) +[0-9.]+ ", out)
@@ -68,7 +68,7 @@ def test_decoder_step_rows():
       "--feature_dim=16", "--vocab_size=50", "--embed_dim=8",
       "--hidden_dim=8", "--attention_dim=8", "--steps=1", "--repeats=1",
       "--peak_size=128", "--coco_variants=", "--beam_sizes=",
-      "--pipeline_dataset=").stdout
+      "--pipeline_dataset=", "--shapes_dtypes=").stdout
   # Which pages malloc gets is in the header, whatever this machine has.
   assert re.search(r"malloc (huge|4 KiB) pages", out), out
   assert re.search(r"train steps/s +[0-9.]+ ", out), out
@@ -83,6 +83,40 @@ def test_decoder_step_rows():
   assert re.search(r"train steps/s, bfloat16 +[0-9.]+ .*x float32", out), out
   assert re.search(r"train GFLOP/s, bfloat16 +[0-9.]+ .* of bf16 matmul "
                    r"peak", out), out
+
+
+@pytest.mark.slow
+def test_shapes_step_rows():
+  out = _python(
+      _BENCHMARK, "--shapes_steps=1", "--coco_repeats=1", "--peak_size=128",
+      "--coco_variants=", "--decoder_step=false", "--beam_sizes=",
+      "--pipeline_dataset=").stdout
+  assert re.search(r"shapes float32 steps/s +[0-9.]+ +[0-9.]+ ms/step .* "
+                   r"GFLOP \(convs [0-9]+%\)", out), out
+  assert re.search(r"shapes bfloat16 steps/s +[0-9.]+ +[0-9.]+ ms/step .*"
+                   r"x float32", out), out
+
+
+def test_profile_groups_every_op():
+  out = _python(
+      os.path.join(_ROOT, "benchmarks", "profile.py"), "--batch_size=4",
+      "--length=3", "--regions=4", "--feature_dim=16", "--vocab_size=50",
+      "--embed_dim=8", "--hidden_dim=8", "--attention_dim=8",
+      "--beam_batch=2", "--beam_length=3", "--profile_steps=1",
+      "--top=3").stdout
+  assert re.search(r"matmul peak: float32 [0-9]+, bfloat16 [0-9]+ GFLOP/s",
+                   out), out
+  for dtype in ("float32", "bfloat16"):
+    assert f"decoder training step, {dtype}" in out, out
+    assert f"beam 5, {dtype}" in out, out
+  # Every phase of training shows up, and the matmuls have a rate.
+  for where in ("forward, in loop", "backward, in loop",
+                "forward, outside loops", "backward, outside loops",
+                "update, outside loops"):
+    assert where in out, out
+  assert re.search(r"matmul, library \(YNNPACK\) +[0-9.]+ +[0-9]+% +[0-9]+ ",
+                   out), out
+  assert out.count("slowest ops") == 4, out
 
 
 @pytest.fixture(name="benchmark", scope="module")

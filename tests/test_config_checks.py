@@ -45,8 +45,8 @@ _BAD_VALUES = [
     ("data_source", "frozen", "config.data_source must be one of tfds, "
      "feature_cache, got 'frozen'"),
     ("decode_dtype", "float16", "config.decode_dtype must be one of"),
-    ("dtype", "bf16", "config.dtype must be one of float32, bfloat16, got "
-     "'bf16'"),
+    ("dtype", "bf16", "config.dtype must be one of float32, bfloat16, auto, "
+     "got 'bf16'"),
     ("model.gate", "sigmoid", "config.model.gate must be one of"),
     ("model.resnet_size", "19", "config.model.resnet_size must be one of"),
     ("model.resnet_stem", "big", "config.model.resnet_stem must be one of"),

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from visionspeak_jax.platform import dtypes
 from visionspeak_jax.run import restore
 
 pytestmark = pytest.mark.slow
@@ -95,6 +96,10 @@ def uninterrupted(tiny_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
   status, output = _main(workdir, tiny_data_dir, *_RUN)
   assert status == 0, output[-3000:]
+  # The entry point chose the dtypes in one logged line.
+  chosen = dtypes.choose("cpu")[0]
+  assert (f"config.dtype and config.decode_dtype = auto: {chosen}, as this "
+          "CPU has") in output, output[-3000:]
   return workdir
 
 

@@ -27,6 +27,7 @@ from visionspeak_jax.data import sources
 from visionspeak_jax.evaluation import evaluator
 from visionspeak_jax.evaluation import metrics as metrics_lib
 from visionspeak_jax.platform import cpu_tuning
+from visionspeak_jax.platform import dtypes
 from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.run import config_checks
 from visionspeak_jax.run import restore
@@ -100,6 +101,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     errors.UserError: a config, data, checkpoint or weights problem, or a
       diverging run, in one sentence.
   """
+  # A run started without the entry point (`runtime.start`) resolves "auto"
+  # here, so that its checkpoints save the dtypes it trained with.
+  choice = dtypes.resolve(config)
+  if choice:
+    logging.info(choice)
   # Every mistake in the config stops the run here, in one sentence.
   config_checks.validate(config)
   config_checks.check_workdir(workdir)

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from visionspeak_jax.models import precision
+
 Params = dict[str, Any]
 KINDS = ("soft", "hard")
 
@@ -70,9 +72,8 @@ def project_features(params: Params, features: jax.Array) -> jax.Array:
   Returns:
     [B, R, A] projected features, float32.
   """
-  w_f = params["w_f"]  # A bfloat16 copy runs a bfloat16 matmul.
-  return jnp.dot(features.astype(w_f.dtype), w_f,
-                 preferred_element_type=jnp.float32) + params["b_f"]
+  # A bfloat16 copy of `w_f` runs a bfloat16 matmul.
+  return precision.matmul(features, params["w_f"]) + params["b_f"]
 
 
 def attend(params: Params, features: jax.Array, features_proj: jax.Array,

@@ -22,6 +22,7 @@ from visionspeak_jax.models import decoder
 from visionspeak_jax.models import decoding
 from visionspeak_jax.models import fast_decoder
 from visionspeak_jax.models import resnet
+from visionspeak_jax.platform import dtypes
 from visionspeak_jax.text import vocabulary
 
 # ImageNet statistics, in 0..255 pixel units, as torchvision uses them.
@@ -29,7 +30,8 @@ MEAN_RGB = np.array([0.485, 0.456, 0.406]) * 255.0
 STDDEV_RGB = np.array([0.229, 0.224, 0.225]) * 255.0
 # The names of `config.dtype` (what the ResNet and the training decoder
 # compute in) and `config.decode_dtype` (the matmul inputs of greedy and beam
-# decoding); None is float32.
+# decoding); None is float32. Both fields also take "auto"
+# (`platform.dtypes`: bfloat16 on CPUs with AMX, float32 elsewhere).
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -38,9 +40,10 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
   bfloat16 is mixed precision: convolution and matmul inputs and the
   ResNet's activations are bfloat16; parameters, optimizer state,
-  BatchNorm statistics, softmax and the loss stay float32.
+  BatchNorm statistics, softmax and the loss stay float32. "auto" is this
+  machine's choice (`dtypes.choose`).
   """
-  return DTYPES[config.dtype]
+  return DTYPES[dtypes.name(config.dtype)]
 
 
 def attention_kind(config: ml_collections.ConfigDict) -> str:
@@ -189,12 +192,17 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
 def decode_dtype(name: str) -> Any:
   """A `decode_dtype` name as a matmul dtype (None for float32).
 
+  "auto" is this machine's choice (`dtypes.choose`).
+
   Raises:
-    errors.ConfigError: for a name other than "float32" or "bfloat16".
+    errors.ConfigError: for a name other than "float32", "bfloat16" or
+      "auto".
   """
+  name = dtypes.name(name)
   if name not in DTYPES:
     raise errors.ConfigError(
-        f"decode_dtype must be one of {sorted(DTYPES)}, got {name!r}.")
+        f"decode_dtype must be one of {sorted(DTYPES) + [dtypes.AUTO]}, got "
+        f"{name!r}.")
   return DTYPES[name]
 
 

@@ -22,6 +22,7 @@ import optax
 
 from visionspeak_jax.models import attention
 from visionspeak_jax.models import lstm
+from visionspeak_jax.models import precision
 
 Params = dict[str, Any]
 GATES = ("vector", "scalar", "none")
@@ -30,11 +31,6 @@ GATES = ("vector", "scalar", "none")
 def _dense(key: jax.Array, n_in: int, n_out: int) -> Params:
   return {"w": jax.nn.initializers.glorot_uniform()(key, (n_in, n_out)),
           "b": jnp.zeros((n_out,))}
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w with x cast to w's dtype, accumulated and returned in float32."""
-  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 # Leaf names of the decoder's matmul weights (attention `w_f`, `w_h`; every
@@ -46,10 +42,11 @@ MATMUL_WEIGHTS = ("w", "w_f", "w_h")
 def cast_matmul_weights(params: Params, dtype: Any) -> Params:
   """The decoder parameters with every matmul weight cast to `dtype`.
 
-  Mixed-precision training runs the decoder on this copy: `matmul` casts
-  each input to its weight's dtype and accumulates in float32, so logits,
-  softmax and loss stay float32, and the gradients flow back through the
-  cast to the float32 parameters. None or float32 returns `params`.
+  Mixed-precision training runs the decoder on this copy:
+  `precision.matmul` casts each input to its weight's dtype and accumulates
+  in float32, so logits, softmax and loss stay float32, and the gradients
+  flow back through the cast to the float32 parameters. None or float32
+  returns `params`.
   """
   if dtype is None or dtype == jnp.float32:
     return params
@@ -59,7 +56,7 @@ def cast_matmul_weights(params: Params, dtype: Any) -> Params:
 
 
 def _apply_dense(p: Params, x: jax.Array) -> jax.Array:
-  return matmul(x, p["w"]) + p["b"]
+  return precision.matmul(x, p["w"]) + p["b"]
 
 
 def init(key: jax.Array, *, vocab_size: int, feature_dim: int, embed_dim: int,

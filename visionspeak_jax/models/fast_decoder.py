@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from visionspeak_jax.models import attention
 from visionspeak_jax.models import decoder
 from visionspeak_jax.models import lstm
+from visionspeak_jax.models import precision
 
 Params = dict[str, Any]
 
@@ -158,7 +159,7 @@ def decoding_weights(params: Params, matmul_dtype: Any = None,
             for name in ("deep", "out") if name in params}
   return DecodingWeights(
       # [V, E] @ [E, 4H] -> [V, 4H], in the matmul precision.
-      word_gates=decoder.matmul(params["embed"], fused.w_emb.astype(dtype))
+      word_gates=precision.matmul(params["embed"], fused.w_emb.astype(dtype))
       + fused.lstm_b,
       w_ctx=fused.w_ctx.astype(dtype), w_h=fused.w_h.astype(dtype),
       vectors=fused.vectors, embed=params["embed"], setup=setup, output=output,
@@ -213,7 +214,7 @@ def decode_step(weights: DecodingWeights, features: jax.Array,
   """
   h, c = carry
   attention_dim, gate_dim = _dims(weights.vectors)
-  h_proj = decoder.matmul(h, weights.w_h)  # [B*K, H] -> [B*K, A + G + 4H]
+  h_proj = precision.matmul(h, weights.w_h)  # [B*K, H] -> [B*K, A + G + 4H]
   regions = None
   # Gumbel noise of zeros: the most likely region.
   if weights.attention == "hard":
@@ -228,7 +229,7 @@ def decode_step(weights: DecodingWeights, features: jax.Array,
   carry = lstm.apply_gates(_lstm_input(
       attention_dim, gate_dim, h_proj,
       weights.word_gates[prev_tokens],  # [B*K, 4H]
-      decoder.matmul(context, weights.w_ctx)), c)
+      precision.matmul(context, weights.w_ctx)), c)
   emb = weights.embed[prev_tokens]  # [B*K] -> [B*K, E]
   return (decoder.output_logits(weights.output, emb, carry[0], context),
           carry, alpha)
@@ -289,12 +290,12 @@ def _recurrence_fwd(attention_dim, gate_dim, w_h, w_ctx, vectors, features,
   def body(carry, xs):
     z_emb_t, gumbel_t = xs
     h, c = carry
-    h_proj = decoder.matmul(h, w_h)  # [B, H] -> [B, A (+ C | 1) + 4H]
+    h_proj = precision.matmul(h, w_h)  # [B, H] -> [B, A (+ C | 1) + 4H]
     context, raw, alpha, region = _attend_and_gate(
         attention_dim, gate_dim, vectors, features, features_proj, h_proj,
         _step_regions(regions, gumbel_t))
     z = _lstm_input(attention_dim, gate_dim, h_proj, z_emb_t,
-                    decoder.matmul(context, w_ctx))  # [B, C] @ [C, 4H]
+                    precision.matmul(context, w_ctx))  # [B, C] @ [C, 4H]
     new = lstm.apply_gates(z, c)
     return new, (new[0], context, alpha, region,
                  raw if gate_dim else None, h, c, h_proj, z)
@@ -346,7 +347,7 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
     h_proj_t, z_t, c_t, raw_t, alpha_t, ct_h, ct_context, ct_alpha = xs
     _, cell_vjp = jax.vjp(lstm.apply_gates, z_t, c_t)
     d_z, dc = cell_vjp((dh + ct_h, dc))  # Also the z_emb and z_ctx parts'.
-    d_context = ct_context + decoder.matmul(d_z, w_ctx_t)  # [B, C]
+    d_context = ct_context + precision.matmul(d_z, w_ctx_t)  # [B, C]
     d_h_proj = [d_z]
     if g:  # context = raw * sigmoid(gate)
       gate = _gate(a, g, vectors, h_proj_t)
@@ -368,7 +369,7 @@ def _recurrence_bwd(attention_dim, gate_dim, residuals, cotangents):
     d_pre = d_scores[..., None] * v * (1.0 - t * t)  # [B, R, A]
     d_h_proj.insert(0, d_pre.sum(1))  # The query's gradient [B, A].
     d_h_proj = jnp.concatenate(d_h_proj, axis=-1)  # [B, A (+ C | 1) + 4H]
-    acc = (decoder.matmul(d_h_proj, w_h_t), dc, d_v, d_gate_b,
+    acc = (precision.matmul(d_h_proj, w_h_t), dc, d_v, d_gate_b,
            d_proj + d_pre)
     return acc, (d_h_proj, d_z, d_context)
 
@@ -485,7 +486,7 @@ def teacher_forced(params: Params, features: jax.Array, tokens_in: jax.Array,
   fused = fused_weights(params)
   emb = params["embed"][tokens_in]  # [B, T] -> [B, T, E]
   # Time-major for the scan: [B, T, E] @ [E, 4H] -> [T, B, 4H].
-  z_emb = decoder.matmul(emb.swapaxes(0, 1), fused.w_emb) + fused.lstm_b
+  z_emb = precision.matmul(emb.swapaxes(0, 1), fused.w_emb) + fused.lstm_b
   attention_dim, gate_dim = _dims(fused.vectors)
   if regions is not None:  # Time-major noise for the scan.
     regions = regions._replace(gumbel=regions.gumbel.swapaxes(0, 1))

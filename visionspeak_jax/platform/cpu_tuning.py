@@ -312,6 +312,44 @@ def start(config: "ml_collections.ConfigDict") -> str:
   return "CPU tuning: " + "; ".join(parts)
 
 
+_CPUINFO = "/proc/cpuinfo"
+# `lscpu`/`/proc/cpuinfo` flags of the matrix units XLA:CPU's bfloat16
+# matmuls use (Intel AMX: tiles and their bfloat16 multiply), and of the
+# AVX-512 bfloat16 dot product that CPUs without them may have.
+AMX_FLAGS = ("amx_tile", "amx_bf16")
+AVX512_BF16_FLAG = "avx512_bf16"
+
+
+def cpu_flags(path: str = _CPUINFO) -> frozenset[str]:
+  """The CPU's feature flags as `lscpu` prints them; empty where unknown.
+
+  Read from the first `flags` line of `/proc/cpuinfo` (Linux on x86); other
+  systems report none, so nothing is assumed about them.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return frozenset(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def has_amx(flags: frozenset[str] | None = None) -> bool:
+  """Whether the CPU has AMX with bfloat16 (`amx_tile` and `amx_bf16`)."""
+  flags = cpu_flags() if flags is None else flags
+  return all(flag in flags for flag in AMX_FLAGS)
+
+
+def cpu_flags_phrase(flags: frozenset[str] | None = None) -> str:
+  """The bfloat16 matmul hardware in a phrase, for logs and headers."""
+  flags = cpu_flags() if flags is None else flags
+  names = [f for f in AMX_FLAGS + (AVX512_BF16_FLAG,) if f in flags]
+  return ("CPU flags " + " ".join(names) if names
+          else "no AMX or AVX512-BF16 CPU flags")
+
+
 def _on_cpu() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return enabled() and jax.default_backend() == "cpu"

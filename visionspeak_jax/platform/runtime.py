@@ -12,6 +12,7 @@ import ml_collections
 from visionspeak_jax import errors
 from visionspeak_jax.platform import cpu_tuning
 from visionspeak_jax.platform import distributed
+from visionspeak_jax.platform import dtypes
 
 # Libraries whose INFO lines would bury a run's own log.
 _QUIET_INFO = ("/orbax/", "/tensorflow_datasets/")
@@ -27,7 +28,8 @@ class _QuietLibraries(pylogging.Filter):
 
 def start(config: ml_collections.ConfigDict) -> None:
   """Quiets library logs, keeps TensorFlow off accelerators, tunes the CPU
-  (`cpu_tuning.start`), joins the cluster.
+  (`cpu_tuning.start`), joins the cluster, resolves "auto" dtypes
+  (`dtypes.resolve`).
 
   Raises:
     errors.ConfigError: the config's CPU or cluster settings are wrong.
@@ -41,6 +43,9 @@ def start(config: ml_collections.ConfigDict) -> None:
   logging.info("JAX process %d/%d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info("%s.", tuning)
+  choice = dtypes.resolve(config)
+  if choice:
+    logging.info(choice)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from visionspeak_jax.models import decoder
 from visionspeak_jax.models import resnet
 from visionspeak_jax.platform import cpu_tuning
 from visionspeak_jax.platform import distributed
+from visionspeak_jax.platform import dtypes
 from visionspeak_jax.training import optimizer
 from visionspeak_jax.training import scst
 
@@ -49,10 +50,10 @@ _STRINGS = ("manual_dir",)
 # Fields with a fixed set of values.
 _CHOICES = {
     "data_source": sources.KINDS,
-    "dtype": tuple(captioner.DTYPES),
+    "dtype": (*captioner.DTYPES, dtypes.AUTO),
     "objective": scst.OBJECTIVES,
     "scst.baseline": scst.BASELINES,
-    "decode_dtype": tuple(captioner.DTYPES),
+    "decode_dtype": (*captioner.DTYPES, dtypes.AUTO),
     "model.gate": decoder.GATES,
     "model.attention": attention.KINDS,
     "hard_attention.decoding": attention.KINDS,
