@@ -135,3 +135,48 @@ def test_float32_weights_take_the_plain_product():
   loss, args = _grads(jnp.float32)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(*args))
   assert "custom_vjp" not in jaxpr and "bf16" not in jaxpr
+
+
+def _primitives(fn, *args):
+  return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+@pytest.mark.parametrize("strides, padding", [
+    ((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 2), ((0, 0), (0, 0))),
+    ((1, 1), "VALID")])
+def test_bfloat16_pointwise_convolutions_are_matmuls(strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 32)).astype(jnp.bfloat16)
+  w = (jax.random.normal(jax.random.key(1), (1, 1, 32, 24)) / 6).astype(
+      jnp.bfloat16)
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def ours(x, w):
+    return precision.conv_general_dilated(x, w, strides, padding,
+                                          dimension_numbers=dims)
+
+  def lax_conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                        dimension_numbers=dims)
+
+  got, want = ours(x, w), lax_conv(x, w)
+  assert got.shape == want.shape and got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=0.02,
+                             atol=0.02)
+  assert "conv_general_dilated" not in _primitives(ours, x, w)
+  # Its gradients multiply in bfloat16 too (the matmul's backward pass).
+  grads = jax.grad(lambda x, w: ours(x, w).astype(jnp.float32).sum(),
+                   argnums=(0, 1))
+  assert "conv_general_dilated" not in _primitives(grads, x, w)
+
+
+def test_other_convolutions_are_xlas():
+  dims = ("NHWC", "HWIO", "NHWC")
+  x = jnp.ones((2, 8, 8, 4))
+  for lhs, rhs in ((x, jnp.ones((1, 1, 4, 8))),  # float32: XLA's.
+                   (x.astype(jnp.bfloat16),  # 3x3: XLA's.
+                    jnp.ones((3, 3, 4, 8), jnp.bfloat16))):
+    ours = jax.make_jaxpr(lambda a, b: precision.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=dims))(lhs, rhs)
+    theirs = jax.make_jaxpr(lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (1, 1), "SAME", dimension_numbers=dims))(lhs, rhs)
+    assert str(ours) == str(theirs)

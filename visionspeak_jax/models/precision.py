@@ -1,4 +1,4 @@
-"""The decoder's matmul in mixed precision, forward and backward.
+"""Matmuls and 1x1 convolutions in mixed precision, forward and backward.
 
 `matmul(x, w)` multiplies in the dtype of `w` (float32, or a bfloat16 copy
 of the weight) and sums in float32. With float32 weights it is a plain
@@ -11,7 +11,12 @@ float32 matmul rate. As in flax/examples and big_vision's half precision,
 where activations and so their cotangents are bfloat16, the cotangent is
 rounded to bfloat16 for the two products; they still sum in float32, and
 the loss, softmax and parameters stay float32.
+
+`conv_general_dilated` gives the ResNet's bfloat16 1x1 convolutions the
+same matmul, as XLA:CPU runs bfloat16 convolutions in float32.
 """
+
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +66,58 @@ def _low_precision_matmul_bwd(residuals, g):
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd,
                              _low_precision_matmul_bwd)
 
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
+                         window_strides: Sequence[int], padding: Any,
+                         **kwargs: Any) -> jax.Array:
+  """`lax.conv_general_dilated`, with bfloat16 1x1 convolutions as matmuls.
+
+  flax's `nn.Conv(..., conv_general_dilated=...)` calls it. XLA:CPU runs a
+  bfloat16 convolution in float32 (it converts both operands first), so
+  bfloat16 gains nothing there; a 1x1 convolution is a matmul, and written
+  as one (`matmul`, backward pass included) it runs on the matrix units in
+  bfloat16. Every other convolution, and every float32 one, is
+  `lax.conv_general_dilated` itself.
+
+  Args:
+    lhs: [N, H, W, C] inputs (flax's layout).
+    rhs: [kh, kw, C, F] kernel.
+    window_strides: (sh, sw).
+    padding: as `lax.conv_general_dilated` takes it.
+    **kwargs: `lax.conv_general_dilated`'s other arguments.
+
+  Returns:
+    [N, H', W', F] in the inputs' dtype, as `lax.conv_general_dilated`.
+  """
+  if _is_low_precision_pointwise(lhs, rhs, padding, **kwargs):
+    stride_h, stride_w = window_strides
+    x = lhs[:, ::stride_h, ::stride_w]  # [N, H', W', C]
+    return matmul(x, rhs[0, 0]).astype(lhs.dtype)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                      **kwargs)
+
+
+def _is_low_precision_pointwise(lhs: jax.Array, rhs: jax.Array, padding: Any,
+                                *, lhs_dilation: Any = None,
+                                rhs_dilation: Any = None,
+                                dimension_numbers: Any = None,
+                                feature_group_count: int = 1,
+                                **unused: Any) -> bool:
+  """Whether a convolution is a bfloat16 1x1 one in flax's NHWC layout."""
+  del unused
+  if (lhs.ndim != 4 or rhs.shape[:2] != (1, 1)
+      or lhs.dtype == jnp.float32 or rhs.dtype != lhs.dtype
+      or feature_group_count != 1
+      or any(d != 1 for d in (lhs_dilation or (1, 1)))
+      or any(d != 1 for d in (rhs_dilation or (1, 1)))):
+    return False
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                        ("NHWC", "HWIO", "NHWC"))
+  if (dimension_numbers is not None and jax.lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, dimension_numbers) != nhwc):
+    return False
+  # A 1x1 window needs no padding for "SAME" or "VALID"; explicit pairs
+  # must be zeros.
+  return isinstance(padding, str) or all(p == (0, 0) for p in map(tuple,
+                                                                   padding))

@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from visionspeak_jax.models import precision
+
 ModuleDef = Any
 # torchvision pads 3x3 convolutions by one on every side; "SAME" differs at
 # stride 2, and imported weights must see the same windows.
@@ -111,7 +113,11 @@ class ResNet(nn.Module):
       dict with `stem` and `stage_i` maps, `spatial` ([B, h, w, C], the
       last stage) and `pooled` ([B, C], its spatial mean).
     """
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    # bfloat16 1x1 convolutions run as matmuls (`precision`); the rest, and
+    # every float32 one, is `lax.conv_general_dilated`.
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype,
+        conv_general_dilated=precision.conv_general_dilated)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9,
         epsilon=1e-5, dtype=self.dtype,
