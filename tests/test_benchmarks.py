@@ -119,6 +119,20 @@ def test_profile_groups_every_op():
   assert out.count("slowest ops") == 4, out
 
 
+def test_bfloat16_times_three_versions_of_each_part():
+  out = _python(
+      os.path.join(_ROOT, "benchmarks", "bfloat16.py"), "--batch_size=4",
+      "--length=3", "--regions=4", "--feature_dim=16", "--vocab_size=50",
+      "--embed_dim=8", "--hidden_dim=8", "--attention_dim=8",
+      "--resnet_size=tiny", "--resnet_batch=2", "--resnet_image_size=32",
+      "--rounds=2", "--calls=1", "--parts=decoder,resnet").stdout
+  assert re.search(r"CPU flags|no AMX", out), out
+  assert "decoder training step" in out and "ResNet-tiny, 2 x 32 px" in out
+  for version in ("float32", "bfloat16, autodiff", "bfloat16"):
+    assert len(re.findall(rf"\n  {re.escape(version)} +[0-9.]+ ms +\(best "
+                          r"[0-9.]+\), [0-9.]+x float32", out)) == 2, out
+
+
 @pytest.fixture(name="benchmark", scope="module")
 def _benchmark():
   """benchmarks/benchmark.py as a module (its flags are defined, unparsed)."""

@@ -62,6 +62,8 @@ def test_resolve_sets_only_the_auto_fields_and_says_why():
                        "them."), line
   assert "\n" not in line
   assert dtypes.resolve(config, _ZEN4) is None  # Nothing left to resolve.
+  # The settings a tool passes to `runtime.start` may have neither field.
+  assert dtypes.resolve(ml_collections.ConfigDict({"cpu_devices": 0})) is None
 
   config = default.get_config()
   config.dtype = "bfloat16"  # Given: kept, even without AMX.

@@ -8,9 +8,10 @@ its float32 rate, and the run's numbers stay within its accuracy bars
 - a CPU with AMX (`amx_tile` and `amx_bf16` in `/proc/cpuinfo`'s flags):
   XLA:CPU's matmul library runs bfloat16 products on its tiles, about 5x
   the float32 matmul rate, so "auto" is bfloat16;
-- any other CPU: float32. AVX512-BF16 alone (AMD EPYC Zen 4, Intel Xeon
-  before AMX) gives bfloat16 matmuls under 2x float32 there, and on the
-  default run's small matrices not enough to make up for the casts;
+- any other CPU: float32. With AVX512-BF16 alone (AMD EPYC Zen 4) the
+  bfloat16 matmul peak is about 2x float32, but the default run's step
+  gains only 1.1x (its 3x3 convolutions run in float32 either way): too
+  little to publish a second final line for those CPUs;
 - a GPU or TPU: float32, so a run's numbers do not change with where it
   runs; ask for bfloat16 there with `--config.dtype=bfloat16`.
 
@@ -61,7 +62,9 @@ def resolve(config: "ml_collections.ConfigDict",
     One line for the log saying what was chosen and why, or None where
     neither field is "auto".
   """
-  auto = [field for field in FIELDS if getattr(config, field) == AUTO]
+  # A tool's own settings (the caption CLI's, evaluate's) may have neither.
+  auto = [field for field in FIELDS
+          if field in config and getattr(config, field) == AUTO]
   if not auto:
     return None
   import jax  # pylint: disable=g-import-not-at-top
