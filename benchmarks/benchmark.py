@@ -1068,7 +1068,8 @@ def main(argv):
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind} x "
         f"{jax.device_count()} ({jax.local_device_count()} local), "
-        f"{os.cpu_count()} CPUs ({_cpu_model()}), load average {load:.1f}, "
+        f"{os.cpu_count()} CPUs ({_cpu_model()}; "
+        f"{cpu_tuning.cpu_flags_phrase()}), load average {load:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"{cpu_tuning.describe()}")
   print(f"decoder sizes: B={_BATCH.value} T={_LENGTH.value} "

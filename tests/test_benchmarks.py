@@ -18,6 +18,10 @@ import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCHMARK = os.path.join(_ROOT, "benchmarks", "benchmark.py")
+# The decoder at sizes that compile and run in seconds.
+_TINY_DECODER = ("--batch_size=4", "--length=3", "--regions=4",
+                 "--feature_dim=16", "--vocab_size=50", "--embed_dim=8",
+                 "--hidden_dim=8", "--attention_dim=8")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:
@@ -47,7 +51,8 @@ def test_coco_step_rows():
       "--coco_batch=2", "--coco_steps=1", "--coco_repeats=1",
       "--vocab_size=50", "--peak_size=128", "--decoder_step=false",
       "--beam_sizes=", "--pipeline_dataset=", "--shapes_dtypes=").stdout
-  assert "cpu: cpu x 2" in out  # The header names platform and devices.
+  assert "cpu: cpu x 2" in out  # The header names platform and devices,
+  assert re.search(r"CPUs \(.*; (CPU flags|no AMX)", out)  # and the CPU.
   for dtype in ("float32", "bfloat16"):
     assert re.search(rf"matmul peak {dtype} \(GFLOP/s\) +[0-9.]+ ", out)
     for variant in ("frozen", "finetune"):
@@ -64,9 +69,7 @@ def test_coco_step_rows():
 @pytest.mark.slow
 def test_decoder_step_rows():
   out = _python(
-      _BENCHMARK, "--batch_size=4", "--length=3", "--regions=4",
-      "--feature_dim=16", "--vocab_size=50", "--embed_dim=8",
-      "--hidden_dim=8", "--attention_dim=8", "--steps=1", "--repeats=1",
+      _BENCHMARK, *_TINY_DECODER, "--steps=1", "--repeats=1",
       "--peak_size=128", "--coco_variants=", "--beam_sizes=",
       "--pipeline_dataset=", "--shapes_dtypes=").stdout
   # Which pages malloc gets is in the header, whatever this machine has.
@@ -99,9 +102,7 @@ def test_shapes_step_rows():
 
 def test_profile_groups_every_op():
   out = _python(
-      os.path.join(_ROOT, "benchmarks", "profile.py"), "--batch_size=4",
-      "--length=3", "--regions=4", "--feature_dim=16", "--vocab_size=50",
-      "--embed_dim=8", "--hidden_dim=8", "--attention_dim=8",
+      os.path.join(_ROOT, "benchmarks", "profile.py"), *_TINY_DECODER,
       "--beam_batch=2", "--beam_length=3", "--profile_steps=1",
       "--top=3").stdout
   assert re.search(r"matmul peak: float32 [0-9]+, bfloat16 [0-9]+ GFLOP/s",
@@ -121,9 +122,7 @@ def test_profile_groups_every_op():
 
 def test_bfloat16_times_three_versions_of_each_part():
   out = _python(
-      os.path.join(_ROOT, "benchmarks", "bfloat16.py"), "--batch_size=4",
-      "--length=3", "--regions=4", "--feature_dim=16", "--vocab_size=50",
-      "--embed_dim=8", "--hidden_dim=8", "--attention_dim=8",
+      os.path.join(_ROOT, "benchmarks", "bfloat16.py"), *_TINY_DECODER,
       "--resnet_size=tiny", "--resnet_batch=2", "--resnet_image_size=32",
       "--rounds=2", "--calls=1", "--parts=decoder,resnet").stdout
   assert re.search(r"CPU flags|no AMX", out), out
