@@ -33,7 +33,6 @@ pipeline runs.
 
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -540,18 +539,6 @@ def make_beam_fn(beam_size: int, max_length: int) -> Callable[..., Any]:
   return beam_fn
 
 
-def _cpu_model() -> str:
-  """The host CPU's model name, for the header."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:  # Not Linux.
-    pass
-  return platform.processor() or "unknown CPU"
-
-
 def _minor_faults() -> int:
   """This process's minor page faults so far (0 where not reported)."""
   try:
@@ -576,6 +563,24 @@ def row(name: str, value: Any, note: str = "") -> None:
   print(f"  {name:<34} {value:>14}  {note}", flush=True)
 
 
+def decoder_sizes() -> dict[str, Any]:
+  """The decoder sizes the flags ask for: `forward_flops`'s arguments."""
+  return dict(batch=_BATCH.value, length=_LENGTH.value,
+              regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
+              vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
+              hidden_dim=_HIDDEN.value, attention_dim=_ATTENTION.value,
+              gate=_GATE.value, deep_output=_DEEP.value)
+
+
+def decoder_params(key: jax.Array, sizes: dict[str, Any]) -> Params:
+  """`decoder.init` at `decoder_sizes`."""
+  return decoder.init(
+      key, vocab_size=sizes["vocab_size"], feature_dim=sizes["feature_dim"],
+      embed_dim=sizes["embed_dim"], hidden_dim=sizes["hidden_dim"],
+      attention_dim=sizes["attention_dim"], gate=sizes["gate"],
+      deep_output=sizes["deep_output"])
+
+
 def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
                          alpha_c: float, steps: int, repeats: int, seed: int,
                          peak: float, bf16_peak: float | None = None
@@ -598,11 +603,7 @@ def decoder_step_section(*, sizes: dict[str, Any], dropout_rate: float,
   """
   b, t = sizes["batch"], sizes["length"]
   k_params, k_feat = jax.random.split(jax.random.key(seed))
-  params = decoder.init(
-      k_params, vocab_size=sizes["vocab_size"],
-      feature_dim=sizes["feature_dim"], embed_dim=sizes["embed_dim"],
-      hidden_dim=sizes["hidden_dim"], attention_dim=sizes["attention_dim"],
-      gate=sizes["gate"], deep_output=sizes["deep_output"])
+  params = decoder_params(k_params, sizes)
   optimizer = optax.adam(1e-4)
   opt_state = optimizer.init(params)
   # Post-ReLU ResNet features are non-negative.
@@ -735,11 +736,7 @@ def beam_section(*, sizes: dict[str, Any], beam_batch: int,
   # most frequent target and would end every beam after two steps. A random
   # decoder rarely emits EOS, so all steps run.
   k_params, k_feat = jax.random.split(jax.random.key(seed))
-  params = decoder.init(
-      k_params, vocab_size=sizes["vocab_size"],
-      feature_dim=sizes["feature_dim"], embed_dim=sizes["embed_dim"],
-      hidden_dim=sizes["hidden_dim"], attention_dim=sizes["attention_dim"],
-      gate=sizes["gate"], deep_output=sizes["deep_output"])
+  params = decoder_params(k_params, sizes)
   beam_features = jax.nn.relu(jax.random.normal(
       jax.random.fold_in(k_feat, 1),
       (beam_batch, sizes["regions"], sizes["feature_dim"])))
@@ -1058,17 +1055,13 @@ def main(argv):
   # The table is the output: TFDS's progress lines would break it up.
   logging.set_verbosity(logging.WARNING)
   cpu_tuning.set_cpu_xla_flags()  # As a run has them (printed below).
-  sizes = dict(batch=_BATCH.value, length=_LENGTH.value,
-               regions=_REGIONS.value, feature_dim=_FEATURE_DIM.value,
-               vocab_size=_VOCAB.value, embed_dim=_EMBED.value,
-               hidden_dim=_HIDDEN.value, attention_dim=_ATTENTION.value,
-               gate=_GATE.value, deep_output=_DEEP.value)
+  sizes = decoder_sizes()
   device = jax.devices()[0]
   # Wall-time numbers halve when anything else runs: say so up front.
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"jax {jax.__version__}, {device.platform}: {device.device_kind} x "
         f"{jax.device_count()} ({jax.local_device_count()} local), "
-        f"{os.cpu_count()} CPUs ({_cpu_model()}; "
+        f"{os.cpu_count()} CPUs ({cpu_tuning.cpu_model()}; "
         f"{cpu_tuning.cpu_flags_phrase()}), load average {load:.1f}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"{cpu_tuning.describe()}")

@@ -47,7 +47,6 @@ import optax
 import benchmark
 from configs import shapes
 from visionspeak_jax.models import captioner
-from visionspeak_jax.models import decoder
 from visionspeak_jax.models import precision
 from visionspeak_jax.models import resnet
 from visionspeak_jax.training import step as step_lib
@@ -70,8 +69,7 @@ VERSIONS = ("float32", "bfloat16, autodiff", "bfloat16")
 def autodiff_gradients() -> Iterator[None]:
   """Within it, the models trace JAX's own matmul gradient and XLA's convs."""
   matmul, conv = precision.matmul, precision.conv_general_dilated
-  precision.matmul = lambda x, w: jnp.dot(x.astype(w.dtype), w,
-                                          preferred_element_type=jnp.float32)
+  precision.matmul = precision.product
   precision.conv_general_dilated = jax.lax.conv_general_dilated
   try:
     yield
@@ -120,19 +118,14 @@ def report(title: str, times: dict[str, list[float]]) -> None:
 
 def decoder_part() -> Callable[[str], Callable[[], Any]]:
   """The decoder's training step on features, at `benchmark.py`'s sizes."""
-  # pylint: disable=protected-access
-  b, t = benchmark._BATCH.value, benchmark._LENGTH.value
-  params = decoder.init(
-      jax.random.key(0), vocab_size=benchmark._VOCAB.value,
-      feature_dim=benchmark._FEATURE_DIM.value,
-      embed_dim=benchmark._EMBED.value, hidden_dim=benchmark._HIDDEN.value,
-      attention_dim=benchmark._ATTENTION.value, gate=benchmark._GATE.value,
-      deep_output=benchmark._DEEP.value)
+  sizes = benchmark.decoder_sizes()
+  b, t = sizes["batch"], sizes["length"]
+  params = benchmark.decoder_params(jax.random.key(0), sizes)
   features = jax.nn.relu(jax.random.normal(
-      jax.random.key(1), (b, benchmark._REGIONS.value,
-                          benchmark._FEATURE_DIM.value)))
+      jax.random.key(1), (b, sizes["regions"], sizes["feature_dim"])))
   tokens = jnp.asarray(benchmark.random_tokens(
-      np.random.RandomState(0), b, t, benchmark._VOCAB.value))
+      np.random.RandomState(0), b, t, sizes["vocab_size"]))
+  # pylint: disable=protected-access
   dropout, alpha_c = benchmark._DROPOUT.value, benchmark._ALPHA_C.value
   # pylint: enable=protected-access
   optimizer = optax.adam(1e-4)
@@ -225,7 +218,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--parts: unknown {unknown}; choose from "
                          f"{sorted(PARTS)}.")
-  print(f"jax {jax.__version__}, {benchmark._cpu_model()} "  # pylint: disable=protected-access
+  print(f"jax {jax.__version__}, {cpu_tuning.cpu_model()} "
         f"({os.cpu_count()} CPUs), {cpu_tuning.cpu_flags_phrase()}, "
         f"{jax.local_device_count()} device(s), "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of "

@@ -52,7 +52,6 @@ import optax
 
 import benchmark
 from visionspeak_jax.models import captioner
-from visionspeak_jax.models import decoder
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TRACE_FLAG = "xla_cpu_enable_xprof_traceme"
@@ -314,21 +313,14 @@ def main(argv):
   peaks = {d: benchmark.matmul_peak(2048, dtype=captioner.DTYPES[d]
                                     or jnp.float32)
            for d in ("float32", "bfloat16")}
-  print(f"jax {jax.__version__}, {benchmark._cpu_model()} "  # pylint: disable=protected-access
+  print(f"jax {jax.__version__}, {cpu_tuning.cpu_model()} "
         f"({os.cpu_count()} CPUs), {cpu_tuning.cpu_flags_phrase()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"matmul peak: float32 {peaks['float32']:.0f}, bfloat16 "
         f"{peaks['bfloat16']:.0f} GFLOP/s")
-  sizes = dict(vocab_size=benchmark._VOCAB.value,  # pylint: disable=protected-access
-               feature_dim=benchmark._FEATURE_DIM.value,  # pylint: disable=protected-access
-               embed_dim=benchmark._EMBED.value,  # pylint: disable=protected-access
-               hidden_dim=benchmark._HIDDEN.value,  # pylint: disable=protected-access
-               attention_dim=benchmark._ATTENTION.value,  # pylint: disable=protected-access
-               gate=benchmark._GATE.value,  # pylint: disable=protected-access
-               deep_output=benchmark._DEEP.value)  # pylint: disable=protected-access
-  b, t, r = (benchmark._BATCH.value, benchmark._LENGTH.value,  # pylint: disable=protected-access
-             benchmark._REGIONS.value)  # pylint: disable=protected-access
-  params = decoder.init(jax.random.key(0), **sizes)
+  sizes = benchmark.decoder_sizes()
+  b, t, r = sizes["batch"], sizes["length"], sizes["regions"]
+  params = benchmark.decoder_params(jax.random.key(0), sizes)
   for dtype_name in _DTYPES.value:
     dtype = captioner.DTYPES[dtype_name]
     peak = peaks[dtype_name]

@@ -22,6 +22,12 @@ import jax
 import jax.numpy as jnp
 
 
+def product(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., K] @ w [K, N] in `w`'s dtype, summed in float32, with JAX's own
+  gradient: `matmul` for float32 weights, and its forward pass."""
+  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [..., K] @ w [K, N]: inputs in `w`'s dtype, summed in float32.
 
@@ -29,20 +35,16 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     [..., N] float32.
   """
   if w.dtype == jnp.float32:
-    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return product(x, w)
   return _low_precision_matmul(x, w)
 
 
-@jax.custom_vjp
-def _low_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+_low_precision_matmul = jax.custom_vjp(product)
 
 
 def _low_precision_matmul_fwd(x, w):
-  x_low = x.astype(w.dtype)
   # The zero-size array carries x's dtype to the backward pass.
-  return (jnp.dot(x_low, w, preferred_element_type=jnp.float32),
-          (x_low, w, jnp.zeros((0,), x.dtype)))
+  return product(x, w), (x.astype(w.dtype), w, jnp.zeros((0,), x.dtype))
 
 
 def _low_precision_matmul_bwd(residuals, g):

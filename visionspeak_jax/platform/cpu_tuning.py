@@ -320,20 +320,31 @@ AMX_FLAGS = ("amx_tile", "amx_bf16")
 AVX512_BF16_FLAG = "avx512_bf16"
 
 
+def _cpuinfo(field: str, path: str = _CPUINFO) -> str | None:
+  """The first `field` line's value in `/proc/cpuinfo`; None where absent
+  (not Linux, or no such field)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.startswith(field):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def cpu_model() -> str:
+  """The CPU's model name as `lscpu` prints it, for logs and headers."""
+  return _cpuinfo("model name") or platform.processor() or "unknown CPU"
+
+
 def cpu_flags(path: str = _CPUINFO) -> frozenset[str]:
   """The CPU's feature flags as `lscpu` prints them; empty where unknown.
 
   Read from the first `flags` line of `/proc/cpuinfo` (Linux on x86); other
   systems report none, so nothing is assumed about them.
   """
-  try:
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return frozenset(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return frozenset()
+  return frozenset((_cpuinfo("flags", path) or "").split())
 
 
 def has_amx(flags: frozenset[str] | None = None) -> bool:
