@@ -32,6 +32,7 @@ pipeline runs.
 """
 
 import functools
+import math
 import os
 import statistics
 import sys
@@ -58,6 +59,7 @@ import numpy as np
 import optax
 
 from configs import coco
+from configs import coco_14x14
 from configs import coco_finetune
 from configs import shapes
 from visionspeak_jax.models import captioner
@@ -71,12 +73,17 @@ from visionspeak_jax.training import state as state_lib
 from visionspeak_jax.training import step as step_lib
 # pylint: enable=g-import-not-at-top
 
-# The end-to-end variants: the config module that sets each one's encoder
-# learning-rate multiplier (frozen 0, fine-tuned 0.025).
-COCO_VARIANTS = {"frozen": coco, "finetune": coco_finetune}
+# The end-to-end variants: the config module of each (the encoder frozen
+# or fine-tuned at 0.025; 7x7 regions at 224 px, or 14x14 at 448 px).
+COCO_VARIANTS = {"frozen": coco, "finetune": coco_finetune,
+                 "frozen_14x14": coco_14x14}
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "B of the training step.")
 _REGIONS = flags.DEFINE_integer("regions", 49, "R, feature regions (7x7).")
+_EXTRA_REGIONS = flags.DEFINE_list(
+    "extra_regions", ["196"],
+    "Further R to time the decoder step and beam search at, after --regions "
+    "(196: 14x14, configs/coco_14x14.py); empty skips.")
 _FEATURE_DIM = flags.DEFINE_integer("feature_dim", 2048, "C, channels.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 10000,
                                "V, of the decoder and the COCO step.")
@@ -107,17 +114,20 @@ _DECODE_DTYPES = flags.DEFINE_list(
 _COCO_VARIANTS = flags.DEFINE_list(
     "coco_variants", list(COCO_VARIANTS),
     "End-to-end COCO step variants: frozen (configs/coco.py, "
-    "lr_mults.encoder=0), finetune (configs/coco_finetune.py, 0.025); "
-    "empty skips the section.")
+    "lr_mults.encoder=0), finetune (configs/coco_finetune.py, 0.025), "
+    "frozen_14x14 (configs/coco_14x14.py: 448 px, 14x14 regions); empty "
+    "skips the section.")
 _COCO_DTYPES = flags.DEFINE_list(
     "coco_dtypes", ["float32", "bfloat16"],
     "config.dtype values of the end-to-end COCO step.")
 _COCO_BATCH = flags.DEFINE_integer(
-    "coco_batch", coco.PER_DEVICE_BATCH,
+    "coco_batch", coco.PER_DEVICE_IMAGES,
     "Images per device of the COCO step (the global batch is this times the "
     "local device count).")
-_COCO_IMAGE_SIZE = flags.DEFINE_integer("coco_image_size", 224,
-                                        "config.image_size of the COCO step.")
+_COCO_IMAGE_SIZE = flags.DEFINE_integer(
+    "coco_image_size", 0,
+    "config.image_size of the COCO step; 0 keeps each variant's config's "
+    "(224 px, 448 px at 14x14).")
 _COCO_RESNET = flags.DEFINE_enum("coco_resnet", "101", list(resnet.SIZES),
                                  "config.model.resnet_size of the COCO step.")
 _COCO_STEPS = flags.DEFINE_integer("coco_steps", 3,
@@ -139,7 +149,7 @@ _PIPELINE_DATA_DIR = flags.DEFINE_string(
     "pipeline_data_dir", "", "Its TFDS data_dir; empty is TFDS's default "
     "(~/tensorflow_datasets).")
 _PIPELINE_BATCHES = flags.DEFINE_integer(
-    "pipeline_batches", 60, "Timed batches (of configs/coco.py's 32 images) "
+    "pipeline_batches", 60, "Timed batches (of configs/coco.py's 8 images) "
     "per pipeline run.")
 _PIPELINE_SHUFFLE = flags.DEFINE_integer(
     "pipeline_shuffle_buffer", 1000,
@@ -781,7 +791,7 @@ def coco_config(variant: str, dtype_name: str, *, per_device_batch: int,
       `lr_mults.encoder`.
     dtype_name: `config.dtype`.
     per_device_batch: images per device.
-    image_size: `config.image_size`.
+    image_size: `config.image_size`; 0 keeps the config's.
     resnet_size: `config.model.resnet_size`.
 
   Returns:
@@ -790,7 +800,7 @@ def coco_config(variant: str, dtype_name: str, *, per_device_batch: int,
   devices = jax.local_device_count()
   config = COCO_VARIANTS[variant].get_config(str(devices))
   config.batch_size = per_device_batch * devices
-  config.image_size = image_size
+  config.image_size = image_size or config.image_size
   config.model.resnet_size = resnet_size
   config.dtype = dtype_name
   return config
@@ -841,11 +851,15 @@ def time_coco_step(config: Any, params: Params, batch_stats: Any, *,
   state = coco_state(config, params, batch_stats)
   p_train_step, _ = step_lib.compile_steps(config)
   np_rng = np.random.RandomState(seed)
-  tokens = random_tokens(np_rng, config.batch_size,
+  # `captions_per_image` K references per image: [devices, b, K, T + 1].
+  per_image = config.captions_per_image
+  tokens = random_tokens(np_rng, config.batch_size * per_image,
                          config.max_caption_length + 1, vocab_size)
   batch = {"image": np_rng.randint(0, 256, (devices, per_device, size, size, 3),
                                    dtype=np.uint8),
-           "tokens": tokens.reshape(devices, per_device, -1)}
+           "tokens": tokens.reshape(devices, per_device, per_image, -1)
+                     if per_image > 1 else
+                     tokens.reshape(devices, per_device, -1)}
   batch = next(flax.jax_utils.prefetch_to_device(iter([batch]), 1))
   base_rng = jax.random.key(seed + 1)
   jaxpr = jax.make_jaxpr(p_train_step)(state, batch, base_rng).jaxpr
@@ -913,6 +927,8 @@ def coco_section(*, variants: list[str], dtypes: list[str],
       row(f"{name} images/s", f"{config.batch_size / step_s:.1f}",
           f"{step_s * 1e3:.0f} ms/step (best {best_s * 1e3:.0f}), median of "
           f"{repeats} x {steps}, {per_device_batch}/device x {devices}, "
+          f"{config.captions_per_image} captions each, "
+          f"{config.image_size} px, {captioner.num_regions(config)} regions, "
           f"compile {timed['compile_s']:.0f} s")
       flops = timed["dot"] + timed["conv"]
       row(f"{name} GFLOP/image", f"{flops / per_device_batch / 1e9:.2f}",
@@ -1069,9 +1085,10 @@ def main(argv):
         f"R={_REGIONS.value} C={_FEATURE_DIM.value} V={_VOCAB.value} "
         f"E={_EMBED.value} H={_HIDDEN.value} A={_ATTENTION.value} "
         f"gate={_GATE.value} deep={_DEEP.value} dropout={_DROPOUT.value}")
-  print(f"COCO step: configs/coco.py, ResNet-{_COCO_RESNET.value} at "
-        f"{_COCO_IMAGE_SIZE.value} px, {_COCO_BATCH.value} images/device, "
-        f"V={_VOCAB.value}\n")
+  size = (f"{_COCO_IMAGE_SIZE.value} px" if _COCO_IMAGE_SIZE.value
+          else "each config's image size")
+  print(f"COCO step: configs/coco*.py, ResNet-{_COCO_RESNET.value} at "
+        f"{size}, {_COCO_BATCH.value} images/device, V={_VOCAB.value}\n")
 
   n = _PEAK_SIZE.value or (2048 if device.platform == "cpu" else 8192)
   peaks = {}
@@ -1095,17 +1112,25 @@ def main(argv):
                    repeats=_COCO_REPEATS.value, seed=_SEED.value)
 
   flops_items = None
-  if _DECODER_STEP.value:
-    flops_items = decoder_step_section(
-        sizes=sizes, dropout_rate=_DROPOUT.value, alpha_c=_ALPHA_C.value,
-        steps=_STEPS.value, repeats=_REPEATS.value, seed=_SEED.value,
-        peak=peaks["float32"], bf16_peak=peaks["bfloat16"])
-  if _BEAM_SIZES.value:
-    beam_section(
-        sizes=sizes, beam_batch=_BEAM_BATCH.value,
-        beam_sizes=[int(k) for k in _BEAM_SIZES.value],
-        beam_length=_BEAM_LENGTH.value, beam_repeats=_BEAM_REPEATS.value,
-        decode_dtypes=_DECODE_DTYPES.value, seed=_SEED.value)
+  for regions in [_REGIONS.value] + [int(r) for r in _EXTRA_REGIONS.value]:
+    at = dict(sizes, regions=regions)
+    if regions != _REGIONS.value and (_DECODER_STEP.value
+                                      or _BEAM_SIZES.value):
+      side = math.isqrt(regions)
+      grid = f" ({side}x{side})" if side * side == regions else ""
+      print(f"decoder at R={regions}{grid}:", flush=True)
+    if _DECODER_STEP.value:
+      items = decoder_step_section(
+          sizes=at, dropout_rate=_DROPOUT.value, alpha_c=_ALPHA_C.value,
+          steps=_STEPS.value, repeats=_REPEATS.value, seed=_SEED.value,
+          peak=peaks["float32"], bf16_peak=peaks["bfloat16"])
+      flops_items = flops_items or items
+    if _BEAM_SIZES.value:
+      beam_section(
+          sizes=at, beam_batch=_BEAM_BATCH.value,
+          beam_sizes=[int(k) for k in _BEAM_SIZES.value],
+          beam_length=_BEAM_LENGTH.value, beam_repeats=_BEAM_REPEATS.value,
+          decode_dtypes=_DECODE_DTYPES.value, seed=_SEED.value)
 
   if _PIPELINE_DATASET.value:
     feed_rate, feed_note = _FEED_RATE.value, "--feed_rate"

@@ -26,7 +26,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.test_split = "test"  # Split for the final evaluation.
   config.image_size = 224  # Images are resized to image_size^2.
   config.max_caption_length = 20  # Words kept per caption (EOS excluded).
-  config.vocab_min_count = 5  # Rarer training words become <unk>.
+  # Training words seen at least vocab_min_count times are kept, rarer ones
+  # become <unk>. The references keep words seen more than 5 times
+  # (sgrvinod: create_input_files.py passes min_word_freq=5 to
+  # utils.create_input_files, which keeps count > min_word_freq; ruotianluo:
+  # scripts/prepro_labels.py keeps count > count_thr, --word_count_threshold
+  # 5 by default): that is vocab_min_count = 6.
+  config.vocab_min_count = 5
+  # Reference captions paired with each image of a training batch, K: the
+  # image is encoded once and its features read by K decoder rows, as
+  # ruotianluo/self-critical.pytorch's seq_per_img (5 there). batch_size
+  # counts images, so a step trains on batch_size * K captions.
+  config.captions_per_image = 1
   config.shuffle_buffer_size = 10_000  # Examples in the shuffle buffer.
   # Keep decoded, resized training images in memory after the first epoch
   # (split size x image_size^2 x 3 bytes; off for COCO-sized sets).
@@ -39,6 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resnet_size = "18"  # "tiny", "18", "34", "50", "101", "152".
   config.model.resnet_width = 64  # Channels of the first ResNet stage.
   config.model.resnet_stem = "imagenet"  # "imagenet" (stride 4) or "small".
+  # Regions the decoder attends over: 0 = the ResNet's own map (image_size /
+  # 32 squared with the imagenet stem: 7x7 = 49 at 224 px); N = that map
+  # average-pooled adaptively to NxN, as torch's AdaptiveAvgPool2d in both
+  # PyTorch references (sgrvinod's encoder and ruotianluo's prepro_feats.py
+  # use 14x14 = 196 regions).
+  config.model.grid = 0
+  # Allow a grid finer than the ResNet's map: pooling then repeats cells.
+  # sgrvinod's tutorial does this (256 px, an 8x8 map pooled to 14x14);
+  # off, such a grid is refused at start.
+  config.model.grid_upsample = False
   config.model.embed_dim = 512  # Word embedding size.
   config.model.attention_dim = 512  # Additive attention size.
   config.model.hidden_dim = 512  # LSTM size.
@@ -56,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.require_pretrained = False
   # "soft": the paper's deterministic attention (alpha-weighted context);
   # "hard": its stochastic attention, one sampled region per word in
-  # training (see visionspeak_jax/training/hard_attention.py), the most
-  # likely region in decoding.
+  # training (see visionspeak_jax/training/hard_attention.py), decoded as
+  # hard_attention.decoding says.
   config.model.attention = "soft"
   # Weight of the doubly stochastic attention penalty sum_r (1 - sum_t
   # alpha_tr)^2, a mean per caption, against the cross-entropy's mean per
@@ -83,10 +104,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.hard_attention.entropy_weight = 0.032
   # Decay of the moving-average reward baseline (the paper: 0.9).
   config.hard_attention.baseline_decay = 0.9
-  # How a hard attention model decodes: "hard" reads the most likely region
-  # (attention maps are one-hot), "soft" the alpha-weighted context (the
-  # paper's code offers both).
-  config.hard_attention.decoding = "hard"
+  # How a hard attention model decodes: "soft" reads the expected context,
+  # the alpha-weighted mix of the regions, as the authors' code decodes its
+  # stochastic model (arctic-captions: generate_caps.py's main() defaults to
+  # sampling=False, and capgen.py's build_sampler never passes lstm_cond_layer
+  # argmax=True, so alpha itself weighs the context). "hard" reads the most
+  # likely region (the code's argmax option; attention maps are one-hot).
+  config.hard_attention.decoding = "soft"
 
   # Where the inputs come from (see visionspeak_jax/data/sources.py): "tfds"
   # reads images of `dataset` and runs the ResNet on them; "feature_cache" reads
@@ -137,6 +161,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_steps = 500  # Linear warm-up, then cosine decay to 0.
   config.weight_decay = 0.0  # AdamW decoupled weight decay.
   config.grad_clip_norm = 5.0  # Global gradient norm clip; 0 disables.
+  # Clamp each gradient element to +-grad_clip_value (sgrvinod's
+  # utils.clip_gradient, 5 there); 0 disables. Applied before the norm clip.
+  config.grad_clip_value = 0.0
   # Learning-rate multiplier per parameter subtree (see
   # visionspeak_jax/training/optimizer.py); 0 freezes it: no gradient, no
   # optimizer state, and a frozen encoder runs in inference mode.
@@ -160,8 +187,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.block_trigrams = False
   config.min_length = 0
   config.best_metric = "cider"  # WORKDIR/best keeps the top eval checkpoint.
-  # Java scorers (METEOR, PTB tokenizer): None = when `java` is found.
-  config.metrics_use_java = ml_collections.config_dict.placeholder(bool)
+  # How captions are scored (evaluation/metrics.py, docs/evaluate.md):
+  # "coco" = the COCO caption protocol, pycocoevalcap's PTB tokenizer and
+  # METEOR, both on Java (a run without `java` on the PATH is refused at
+  # start); "regex-tokens" = no Java: the vocabulary's tokenizer, no METEOR,
+  # every metric line and JSON marked protocol=regex-tokens, not comparable
+  # with published numbers; "auto" = "coco" where `java` is found, else
+  # "regex-tokens", decided at start and saved with the run.
+  config.metrics_protocol = "auto"
 
   # JAX devices a CPU-only machine is split into, each with its share of
   # the batch (data parallel: the same global batch, gradients and

@@ -2,7 +2,10 @@
 
 One sampled region per word in training (REINFORCE with a moving-average
 baseline, entropy bonus, the soft context for half the images; see
-visionspeak_jax/training/hard_attention.py), the most likely region in decoding:
+visionspeak_jax/training/hard_attention.py). Decoding reads the expected
+context, as the authors' code decodes its stochastic model (arctic-captions
+generate_caps.py, sampling=False); --config.hard_attention.decoding=hard
+reads the most likely region instead:
 
   python -m visionspeak_jax.main --config=configs/shapes_hard.py \
       --workdir=/tmp/shapes-hard

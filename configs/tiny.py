@@ -30,5 +30,5 @@ def get_config():
   config.shuffle_buffer_size = 64
   config.num_eval_examples = 16
   config.max_decode_length = 12
-  config.metrics_use_java = False  # Keeps tests fast; no JVM start.
+  config.metrics_protocol = "regex-tokens"  # Keeps tests fast; no JVM.
   return config

@@ -55,15 +55,19 @@ def test_coco_step_rows():
   assert re.search(r"CPUs \(.*; (CPU flags|no AMX)", out)  # and the CPU.
   for dtype in ("float32", "bfloat16"):
     assert re.search(rf"matmul peak {dtype} \(GFLOP/s\) +[0-9.]+ ", out)
-    for variant in ("frozen", "finetune"):
+    for variant in ("frozen", "finetune", "frozen_14x14"):
       name = f"coco {variant} {dtype}"
       rate = re.search(rf"{name} images/s +([0-9.]+) ", out)
       assert rate and float(rate.group(1)) > 0, out
       assert re.search(rf"{name} GFLOP/image +[0-9.]+ +convs ", out), out
       share = re.search(rf"{name} utilisation +([0-9.]+)% ", out)
       assert share and float(share.group(1)) > 0, out
-  # Four images per step (two per device), so the batch reached both.
-  assert "2/device x 2" in out
+  # Four images per step (two per device), so the batch reached both,
+  # each with the recipes' five captions.
+  assert "2/device x 2, 5 captions each" in out
+  # The 14x14 recipe's step attends over 196 regions.
+  assert re.search(r"coco frozen_14x14 float32 images/s .* 196 regions",
+                   out), out
 
 
 @pytest.mark.slow
@@ -71,7 +75,11 @@ def test_decoder_step_rows():
   out = _python(
       _BENCHMARK, *_TINY_DECODER, "--steps=1", "--repeats=1",
       "--peak_size=128", "--coco_variants=", "--beam_sizes=",
-      "--pipeline_dataset=", "--shapes_dtypes=").stdout
+      "--pipeline_dataset=", "--shapes_dtypes=", "--extra_regions=9").stdout
+  # The step at --regions, then at each of --extra_regions.
+  head, at_nine = out.split("decoder at R=9 (3x3):\n")
+  for part in (head, at_nine):
+    assert re.search(r"train steps/s +[0-9.]+ ", part), out
   # Which pages malloc gets is in the header, whatever this machine has.
   assert re.search(r"malloc (huge|4 KiB) pages", out), out
   assert re.search(r"train steps/s +[0-9.]+ ", out), out

@@ -179,3 +179,38 @@ def test_two_stage_recipes(coco_run, data_dir, weights, tmp_path):
   assert np.allclose(kernel, loaded["params"]["conv_init"]["kernel"],
                      atol=1e-3)  # Two steps at a low rate.
   assert run.vocab.words == start.vocab.words
+
+
+def test_coco_recipe_at_14x14(coco_run, data_dir, weights, tmp_path):
+  """configs/coco_14x14.py: 448 px through ResNet-101, 196 regions."""
+  del coco_run  # Generated the data.
+  workdir = str(tmp_path / "coco14")
+  status, output = _run("main", "configs/coco_14x14.py:1", workdir,
+                        f"--config.data_dir={data_dir}",
+                        f"--config.model.pretrained_path={weights}",
+                        *_FEW_STEPS)
+  assert status == 0, output[-3000:]
+  (test,) = [r for r in _records(workdir) if r["split"] == "test"]
+  assert all(score in test for score in _SCORES)
+  run = restore.restore_run(workdir)
+  assert (run.config.image_size, run.config.model.grid) == (448, 14)
+  from visionspeak_jax.tools import caption  # pylint: disable=g-import-not-at-top
+  loaded = caption.load_captioner(workdir)
+  (result,) = caption.caption_arrays(
+      loaded, np.zeros((1, 448, 448, 3), np.uint8), beam_size=2,
+      batch_size=1)
+  assert result.alphas.shape == (len(result.words), 14, 14)
+
+
+def test_self_critical_recipe_from_the_coco_run(coco_run, data_dir, weights,
+                                                tmp_path):
+  workdir, _, _ = coco_run
+  scst = str(tmp_path / "scst")
+  status, output = _run("main", "configs/coco_scst.py:1", scst,
+                        f"--config.data_dir={data_dir}",
+                        f"--config.model.pretrained_path={weights}",
+                        f"--config.init_from={workdir}", *_FEW_STEPS)
+  assert status == 0, output[-3000:]
+  train = [r for r in _records(scst) if r["split"] == "train"]
+  assert [r["step"] for r in train] == [1, 2]
+  assert restore.restore_run(scst).config.objective == "scst"

@@ -169,5 +169,6 @@ def test_tfds_source_reads_it_with_the_coco_config(source):
   assert batch["image"].shape == (config.batch_size, config.image_size,
                                   config.image_size, 3)
   assert batch["tokens"].shape == (config.batch_size,
+                                   config.captions_per_image,
                                    config.max_caption_length + 2)
   assert os.path.isdir(os.path.join(config.data_dir, "coco_rehearsal"))

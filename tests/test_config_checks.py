@@ -53,8 +53,10 @@ _BAD_VALUES = [
     ("distributed", "maybe", "config.distributed must be one of"),
     ("best_metric", "bleu5", "config.best_metric must be one of"),
     # The tiny config scores without Java.
-    ("best_metric", "meteor", "config.best_metric is meteor, which needs "
-     "Java, and this run scores without it"),
+    ("best_metric", "meteor", "config.best_metric is meteor, which only the "
+     "coco metric protocol scores, and this run scores with regex-tokens"),
+    ("metrics_protocol", "ptb", "config.metrics_protocol must be one of auto, "
+     "coco, regex-tokens, got 'ptb'"),
     ("init_from", "/no/such/run", "config.init_from '/no/such/run' is not a "
      "directory"),
     ("model.pretrained_path", "/no/weights.safetensors",
@@ -172,15 +174,75 @@ def test_main_prints_one_line_and_exits_non_zero(args, says, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+_NO_FILE = "[Errno 2] No such file or directory: 'configs/does_not_exist.py'"
+
+
+@pytest.mark.parametrize("module,config,overrides,cause", [
+    # The override reads the config while the flags are parsed, before the
+    # entry point runs: it used to end in ml_collections' OSError traceback.
+    ("visionspeak_jax.main", "configs/does_not_exist.py",
+     ["--config.num_train_steps=4"], _NO_FILE),
+    # Each case starts a process; the fast tier keeps one of them.
+    pytest.param("visionspeak_jax.main", "configs/does_not_exist.py", [],
+                 _NO_FILE, marks=pytest.mark.slow),
+    pytest.param("visionspeak_jax.main", "configs/",
+                 ["--config.num_train_steps=4", "--config.model.hidden_dim=8"],
+                 "[Errno 21] Is a directory: 'configs/'",
+                 marks=pytest.mark.slow),
+    pytest.param("visionspeak_jax.tools.extract_features",
+                 "configs/does_not_exist.py", [], _NO_FILE,
+                 marks=pytest.mark.slow),
+    pytest.param("visionspeak_jax.tools.extract_features",
+                 "configs/does_not_exist.py", ["--config.batch_size=4"],
+                 _NO_FILE, marks=pytest.mark.slow),
+])
+def test_a_config_file_that_fails_to_load_is_one_line(module, config,
+                                                      overrides, cause,
+                                                      tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", module, f"--config={config}", *overrides,
+       f"--workdir={tmp_path / 'run'}"], cwd=_ROOT,
+      capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == (f"error: Cannot load the --config file ({cause}): pass an "
+                  "existing config file such as configs/shapes.py."), last
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_the_coco_protocol_without_java_is_refused_at_start(monkeypatch):
+  config = tiny.get_config()
+  config.metrics_protocol = "coco"
+  monkeypatch.setattr(config_checks.shutil, "which",
+                      lambda name: f"/usr/bin/{name}")
+  config_checks.validate(config)
+  monkeypatch.setattr(config_checks.shutil, "which", lambda name: None)
+  with pytest.raises(errors.ConfigError) as info:
+    config_checks.validate(config)
+  message = str(info.value)
+  assert message.startswith("config.metrics_protocol is coco (the COCO "
+                            "caption protocol: the PTB tokenizer and METEOR, "
+                            "both on Java) but no `java` is on the PATH: ")
+  assert "--config.metrics_protocol=regex-tokens" in message
+  assert _is_one_sentence(message), message
+  # Without Java, "auto" falls back to the marked protocol and starts.
+  config.metrics_protocol = "auto"
+  config_checks.validate(config)
+
+
 @pytest.mark.parametrize("devices", [1, 2, 8])
 def test_coco_configs_scale_with_the_accelerator_count(devices):
   from configs import coco, coco_cached, coco_finetune  # pylint: disable=g-import-not-at-top,g-multiple-import
   for module in (coco, coco_cached, coco_finetune):
     config = module.get_config(str(devices))
-    assert config.batch_size == coco.PER_DEVICE_BATCH * devices
+    assert config.batch_size == coco.PER_DEVICE_IMAGES * devices
     assert config.learning_rate == pytest.approx(
         coco.BASE_LEARNING_RATE * devices**0.5)
-    epochs = config.num_train_steps * config.batch_size / coco.TRAIN_IMAGES
+    # Epochs over the captions: five per image, K of them in each row group.
+    captions = config.num_train_steps * config.batch_size * (
+        config.captions_per_image)
+    epochs = captions / (coco.TRAIN_IMAGES * coco.EPOCH_CAPTIONS_PER_IMAGE)
     assert epochs == pytest.approx(
         coco_finetune.EPOCHS if module is coco_finetune else coco.EPOCHS,
         rel=0.01)
@@ -215,3 +277,16 @@ def test_a_recipe_without_pretrained_weights_stops_in_one_sentence():
 def test_every_shipped_config_passes_the_checks(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   config_checks.validate(config)
+
+
+@pytest.mark.parametrize("name", ["coco", "coco_14x14", "coco_cached",
+                                  "coco_finetune", "coco_scst", "flickr8k",
+                                  "flickr30k"])
+def test_the_recipes_require_the_coco_protocol(name, monkeypatch):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.metrics_protocol == "coco"
+  # Refused before anything else is read: no weights, data or workdir.
+  monkeypatch.setattr(config_checks.shutil, "which", lambda name: None)
+  with pytest.raises(errors.ConfigError,
+                     match="^config.metrics_protocol is coco "):
+    config_checks.validate(config)

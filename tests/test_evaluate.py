@@ -2,11 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
+from configs import tiny
 from visionspeak_jax import errors
 from visionspeak_jax.evaluation import metrics
 from visionspeak_jax.run import checkpoint as checkpoint_lib
@@ -45,6 +48,9 @@ def test_scores_equal_the_training_runs_final_line(trained):
     saved = json.load(f)
   assert saved["metrics"] == report["metrics"]
   assert saved["settings"]["beam_size"] == 3
+  # The tiny config scores without Java, and every output says so.
+  assert final["protocol"] == saved["metrics"]["protocol"] == "regex-tokens"
+  assert saved["settings"]["metrics_protocol"] == "regex-tokens"
   for key in ("mean_length", "distinct_words", "novel",
               "function_word_endings"):
     assert key in saved["metrics"], key
@@ -80,6 +86,29 @@ def test_saved_config_is_read_without_starting_jax(trained, tmp_path):
       os.path.join(workdir, "checkpoints"), step=7) is None
 
 
+def test_settings_resolve_the_metric_protocol(monkeypatch):
+  config = tiny.get_config()
+  config.metrics_protocol = "auto"
+  monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+  assert evaluate.settings(config).metrics_protocol == "coco"
+  assert evaluate.settings(
+      config, metrics_protocol="regex-tokens").metrics_protocol == (
+          "regex-tokens")
+  # A run saved before the field existed said it with metrics_use_java.
+  old = config.to_dict()
+  del old["metrics_protocol"]
+  for use_java, protocol in ((None, "coco"), (True, "coco"),
+                             (False, "regex-tokens")):
+    old["metrics_use_java"] = use_java
+    assert evaluate.settings(
+        ml_collections.ConfigDict(old)).metrics_protocol == protocol
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  assert evaluate.settings(config).metrics_protocol == "regex-tokens"
+  with pytest.raises(errors.ConfigError,
+                     match="--metrics_protocol=regex-tokens"):
+    evaluate.settings(config, metrics_protocol="coco")
+
+
 def test_caption_statistics_by_hand():
   stats = metrics.caption_statistics(
       ["A red circle.", "a blue square on", "a red circle"],
@@ -87,6 +116,10 @@ def test_caption_statistics_by_hand():
   assert stats == {"mean_length": 10 / 3, "distinct_words": 6,
                    "novel": pytest.approx(1 / 3),
                    "function_word_endings": pytest.approx(1 / 3)}
+  # ruotianluo's bad endings, not any function word: "and" is not one.
+  assert metrics.caption_statistics(
+      ["a red circle and", "a circle near"], [])["function_word_endings"] == (
+          0.5)
 
 
 @pytest.mark.slow
@@ -102,7 +135,8 @@ def test_command_prints_the_line_and_bad_input_in_one_line(trained, tmp_path):
   assert ok.returncode == 0, ok.stderr[-2000:]
   line = ok.stdout.splitlines()[0]
   final = _final_line(workdir)
-  assert line.startswith("test, step 2, beam 3: ")
+  assert line.startswith("test, step 2, beam 3: protocol=regex-tokens, "
+                         "bleu1=")
   assert f"bleu4={final['bleu4']:.4f}" in line
   assert f"cider={final['cider']:.4f}" in line
   for args, says in (

@@ -1,5 +1,6 @@
 """The paper's stochastic hard attention: sampling, its REINFORCE estimate,
-the train step, exact resume and decoding with one region per word."""
+the train step, exact resume, and decoding with the expected context (the
+default, as the authors' code) or one region per word."""
 
 import os
 import shutil
@@ -21,6 +22,7 @@ from visionspeak_jax.models import fast_decoder
 from visionspeak_jax.models import resnet
 from visionspeak_jax.run import config_checks
 from visionspeak_jax.run import restore
+from visionspeak_jax.tools import evaluate
 from visionspeak_jax.training import hard_attention
 from visionspeak_jax.training import state as state_lib
 from visionspeak_jax.training import step as step_lib
@@ -300,7 +302,52 @@ def test_attention_kind_is_checked_and_shapes_the_state():
 def test_decoding_rule_of_hard_attention_runs():
   assert captioner.decoding_attention(tiny.get_config()) == "soft"
   config = _hard_config()
-  # The most likely region.
-  assert captioner.decoding_attention(config) == "hard"
-  config.hard_attention.decoding = "soft"
+  # The expected context, as the authors' code decodes its stochastic model
+  # (arctic-captions generate_caps.py: sampling=False, no argmax).
   assert captioner.decoding_attention(config) == "soft"
+  config.hard_attention.decoding = "hard"  # The most likely region.
+  assert captioner.decoding_attention(config) == "hard"
+  # A soft attention run always decodes soft.
+  config.model.attention = "soft"
+  assert captioner.decoding_attention(config) == "soft"
+
+
+@pytest.mark.parametrize("decoding", ["default", "soft", "hard"])
+def test_a_hard_model_decodes_the_expected_context_unless_told(decoding):
+  config = _hard_config()
+  if decoding != "default":
+    config.hard_attention.decoding = decoding
+  params = state_lib.create_train_state(jax.random.key(0), config,
+                                        12).params["decoder"]
+  feats = jax.random.normal(jax.random.key(2),
+                            (2, captioner.num_regions(config),
+                             resnet.feature_dim(config.model.resnet_size,
+                                                config.model.resnet_width)))
+  decoded = {}
+  for rule in ("configured", "soft"):
+    weights = captioner.decoding_weights(
+        params, "float32",
+        captioner.decoding_attention(config) if rule == "configured"
+        else "soft")
+    decoded[rule] = captioner.beam_caption(weights, feats, beam_size=3,
+                                           max_length=6)
+  # [B, R]: every caption's first word has its map.
+  first = np.asarray(decoded["configured"].alphas)[:, 0]
+  np.testing.assert_allclose(first.sum(-1), 1.0, rtol=1e-5)
+  if decoding == "hard":
+    assert set(np.unique(first)) == {0.0, 1.0}  # One region per word.
+  else:
+    # Alpha itself, spread over the regions: the decoder read their mix,
+    # exactly as a soft attention model's decoding does.
+    assert first.max() < 0.9 and first.min() > 0.0
+    for field in ("tokens", "alphas"):
+      np.testing.assert_array_equal(getattr(decoded["configured"], field),
+                                    getattr(decoded["soft"], field))
+
+
+def test_evaluate_can_decode_a_run_the_other_way():
+  config = _hard_config()
+  assert evaluate.settings(config).hard_attention.decoding == "soft"
+  hard = evaluate.settings(config, hard_attention_decoding="hard")
+  assert hard.hard_attention.decoding == "hard"
+  assert config.hard_attention.decoding == "soft"  # The run's is kept.

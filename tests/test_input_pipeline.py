@@ -72,8 +72,10 @@ def test_coco_captions_on_mock_data():
     batch = next(ds.as_numpy_iterator())
     assert batch["image"].shape == (2, 32, 32, 3)
     assert batch["image"].dtype == np.uint8
-    tokens = batch["tokens"]
-    assert tokens.shape == (2, 8)
+    # The recipe's five references per image, each row a caption.
+    assert config.captions_per_image == 5
+    assert batch["tokens"].shape == (2, 5, 8)
+    tokens = batch["tokens"].reshape(10, 8)
     assert (tokens[:, 0] == vocab_lib.BOS_ID).all()
     # Exactly one EOS per row, followed only by padding.
     for row in tokens:

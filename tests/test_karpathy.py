@@ -373,8 +373,12 @@ def test_the_flickr_configs_follow_the_tutorial():
   assert (config.train_split, config.eval_split, config.test_split) == (
       "train", "val", "test")
   assert config.batch_size == 32 and config.learning_rate == 4e-4
+  assert config.captions_per_image == 1
   assert config.lr_mults.encoder == 0.0
-  assert config.num_train_steps == 120 * (6000 // 32)
+  # 120 epochs over five captions per image, 32 captions a step.
+  assert config.num_train_steps == 120 * (6000 * 5 // 32)
+  assert (config.image_size, config.model.grid) == (256, 14)
+  assert config.grad_clip_value == 5.0 and config.grad_clip_norm == 0.0
   assert config.best_metric == "bleu4"
 
 
@@ -402,7 +406,7 @@ def test_flickr8k_config_trains_evaluates_and_captions(tmp_path):
   config.log_every_steps = 1
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
-  config.metrics_use_java = False
+  config.metrics_protocol = "regex-tokens"
   _write_set(config.manual_dir, "flickr8k")
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)

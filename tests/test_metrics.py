@@ -29,9 +29,11 @@ _WRONG = {1: "a green diamond above an orange triangle",
 
 
 def test_exact_captions_score_full_marks():
-  scores = metrics.caption_metrics(_REFERENCES, _EXACT, use_java=False)
+  scores = metrics.caption_metrics(_REFERENCES, _EXACT,
+                                   protocol="regex-tokens")
   assert set(scores) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l",
-                         "cider"}
+                         "cider", "protocol"}
+  assert scores["protocol"] == "regex-tokens"
   for name in ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l"]:
     assert scores[name] == pytest.approx(1.0, abs=1e-6), name
   # pycocoevalcap's CIDEr-D (x10) of these three images; not bounded by 1.
@@ -39,10 +41,11 @@ def test_exact_captions_score_full_marks():
 
 
 def test_wrong_captions_score_lower():
-  exact = metrics.caption_metrics(_REFERENCES, _EXACT, use_java=False)
-  wrong = metrics.caption_metrics(_REFERENCES, _WRONG, use_java=False)
+  exact = metrics.caption_metrics(_REFERENCES, _EXACT, protocol="regex-tokens")
+  wrong = metrics.caption_metrics(_REFERENCES, _WRONG, protocol="regex-tokens")
   for name in exact:
-    assert wrong[name] < exact[name] - 0.2, name
+    if name != "protocol":
+      assert wrong[name] < exact[name] - 0.2, name
   # No 4-gram of a wrong caption is in its references.
   assert wrong["bleu4"] < 1e-6
 
@@ -50,12 +53,12 @@ def test_wrong_captions_score_lower():
 def test_simple_tokenizer_ignores_case_and_punctuation():
   shouting = {k: v.upper().replace(" to ", ", to ") + "."
               for k, v in _EXACT.items()}
-  scores = metrics.caption_metrics(_REFERENCES, shouting, use_java=False)
+  scores = metrics.caption_metrics(_REFERENCES, shouting, protocol="regex-tokens")
   assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_scorers_keep_stdout_quiet(capsys):
-  metrics.caption_metrics(_REFERENCES, _WRONG, use_java=False)
+  metrics.caption_metrics(_REFERENCES, _WRONG, protocol="regex-tokens")
   assert capsys.readouterr().out == ""
 
 
@@ -64,9 +67,11 @@ def test_bad_inputs_give_one_clear_error(monkeypatch):
     metrics.caption_metrics({1: ["a red circle"]}, {2: "a red circle"})
   with pytest.raises(ValueError, match="at least one prediction"):
     metrics.caption_metrics(_REFERENCES, {})
+  with pytest.raises(ValueError, match="Unknown metric protocol 'ptb'"):
+    metrics.caption_metrics(_REFERENCES, _EXACT, protocol="ptb")
   monkeypatch.setattr(shutil, "which", lambda name: None)
-  with pytest.raises(ValueError, match="use_java=False"):
-    metrics.caption_metrics(_REFERENCES, _EXACT, use_java=True)
+  with pytest.raises(ValueError, match="protocol='regex-tokens'"):
+    metrics.caption_metrics(_REFERENCES, _EXACT, protocol="coco")
 
 
 def test_without_java_meteor_is_skipped(monkeypatch, caplog):
@@ -76,10 +81,12 @@ def test_without_java_meteor_is_skipped(monkeypatch, caplog):
   monkeypatch.setattr(logging, "_log_counter_per_token", {})
   scores = metrics.caption_metrics(_REFERENCES, _EXACT)
   assert "meteor" not in scores
+  assert scores["protocol"] == "regex-tokens"  # "auto" without Java.
   assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
   metrics.caption_metrics(_REFERENCES, _EXACT)
   # Said once per process, not once per call.
-  notes = [r for r in caplog.records if "Skipping the Java" in r.getMessage()]
+  notes = [r for r in caplog.records
+           if "regex-tokens protocol, not COCO's" in r.getMessage()]
   assert len(notes) == 1
 
 
@@ -88,15 +95,16 @@ def test_without_java_meteor_is_skipped(monkeypatch, caplog):
 def test_java_scorers_run_and_clean_up():
   before = {p.pid for p in psutil.Process().children(recursive=True)}
   start = time.time()
-  exact = metrics.caption_metrics(_REFERENCES, _EXACT, use_java=True)
+  exact = metrics.caption_metrics(_REFERENCES, _EXACT, protocol="coco")
   wrong = metrics.caption_metrics(
       _REFERENCES, {k: v.capitalize() + "." for k, v in _WRONG.items()})
   assert time.time() - start < 60
   assert exact["meteor"] == pytest.approx(1.0, abs=1e-3)
+  assert exact["protocol"] == wrong["protocol"] == "coco"
   assert 0.0 < wrong["meteor"] < 0.1  # 0.031 with the bundled METEOR 1.5.
   # The PTB tokenizer drops case and the final period.
   assert wrong["bleu1"] == pytest.approx(
-      metrics.caption_metrics(_REFERENCES, _WRONG, use_java=False)["bleu1"])
+      metrics.caption_metrics(_REFERENCES, _WRONG, protocol="regex-tokens")["bleu1"])
   assert exact["bleu4"] == pytest.approx(1.0, abs=1e-6)
   # No JVM is left behind.
   alive = [p for p in psutil.Process().children(recursive=True)
@@ -119,7 +127,7 @@ def test_meteor_failure_is_clear_and_does_not_hang(monkeypatch):
   monkeypatch.setattr(metrics, "Meteor", _DeadMeteor)
   gts = {k: v for k, v in _REFERENCES.items()}
   res = {k: [v] for k, v in _EXACT.items()}
-  with pytest.raises(RuntimeError, match="use_java=False"):
+  with pytest.raises(RuntimeError, match="protocol='regex-tokens'"):
     metrics._meteor(gts, res)
 
 
@@ -135,12 +143,12 @@ def test_shared_meteor_scores_with_one_jvm_and_stops_it(monkeypatch):
 
   monkeypatch.setattr(metrics, "Meteor", CountedMeteor)
   before = {p.pid for p in psutil.Process().children(recursive=True)}
-  alone = metrics.caption_metrics(_REFERENCES, _WRONG, use_java=True)
+  alone = metrics.caption_metrics(_REFERENCES, _WRONG, protocol="coco")
   assert len(started) == 1 and started[0].meteor_p.poll() is not None
   with metrics.shared_meteor():
     assert len(started) == 2  # Started on entry, to load while runs train.
     with metrics.shared_meteor():  # Nested: the same one.
-      shared = [metrics.caption_metrics(_REFERENCES, _WRONG, use_java=True)
+      shared = [metrics.caption_metrics(_REFERENCES, _WRONG, protocol="coco")
                 for _ in range(2)]
     assert len(started) == 2 and started[1].meteor_p.poll() is None
   assert started[1].meteor_p.poll() is not None  # Stopped on leaving.
@@ -152,11 +160,20 @@ def test_shared_meteor_scores_with_one_jvm_and_stops_it(monkeypatch):
 
 
 def test_function_word_endings():
+  # "and" is not among ruotianluo's bad endings; "is" and "near" are.
   assert metrics.function_word_endings(
       ["a red circle on a", "A red circle.", "two shapes and", "", "of the"
-       " square to"]) == pytest.approx(3 / 5)
+       " square to", "a circle near", "the square is"]) == pytest.approx(4 / 7)
   assert metrics.function_word_endings(["a circle in the"]) == 1.0
   assert metrics.function_word_endings([]) == 0.0
+
+
+def test_bad_endings_are_ruotianluos_list():
+  # ruotianluo/self-critical.pytorch, captioning/utils/eval_utils.py
+  # (HEAD 4c48a33): `bad_endings`, with "the" appended twice.
+  theirs = ["a", "an", "the", "in", "for", "at", "of", "with", "before",
+            "after", "on", "upon", "near", "to", "is", "are", "am", "the"]
+  assert metrics.BAD_ENDINGS == frozenset(theirs)
 
 
 def test_no_jvm_starts_where_meteor_is_not_scored(monkeypatch):
@@ -167,17 +184,17 @@ def test_no_jvm_starts_where_meteor_is_not_scored(monkeypatch):
       raise AssertionError("a METEOR JVM was started")
 
   monkeypatch.setattr(metrics, "Meteor", NoMeteor)
-  with metrics.shared_meteor(False):
+  with metrics.shared_meteor("regex-tokens"):
     assert not metrics._shared
-    scores = metrics.caption_metrics(_REFERENCES, _WRONG, use_java=False)
+    scores = metrics.caption_metrics(_REFERENCES, _WRONG, protocol="regex-tokens")
   assert "meteor" not in scores
   monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
   with metrics.shared_meteor():  # No Java on the PATH.
     assert not metrics._shared
-  assert metrics.metric_names(use_java=None, has_objects=False) == (
+  assert metrics.metric_names(protocol="auto", has_objects=False) == (
       "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
       "function_word_endings")
-  assert set(metrics.metric_names(use_java=True, has_objects=True)) >= {
+  assert set(metrics.metric_names(protocol="coco", has_objects=True)) >= {
       "meteor", "content_f1", "grounding", "grounding_chance"}
 
 
@@ -189,7 +206,7 @@ def test_shared_meteor_restarts_after_a_failure(monkeypatch):
   with metrics.shared_meteor():
     metrics._shared[0].meteor_p.kill()  # The JVM dies mid-run.
     metrics._shared[0].meteor_p.wait()
-    with pytest.raises(RuntimeError, match="use_java=False"):
+    with pytest.raises(RuntimeError, match="protocol='regex-tokens'"):
       metrics._meteor(gts, res)
     assert metrics._shared == [None]
     assert metrics._meteor(gts, res) == pytest.approx(1.0, abs=1e-3)

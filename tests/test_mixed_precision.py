@@ -29,7 +29,8 @@ def _loss_and_grads(config, params, batch_stats, batch):
 
   def loss_fn(params):
     feats, _ = captioner.encode(captioner.create_encoder(config), params,
-                                batch_stats, batch, train=True)
+                                batch_stats, batch, train=True,
+                                grid_hw=captioner.grid(config))
     inputs, targets, mask = step_lib.split_tokens(batch["tokens"])
     logits, alphas, _ = fast_decoder.teacher_forced(
         params["decoder"], feats, inputs, dtype=captioner.compute_dtype(config))
@@ -86,7 +87,8 @@ def test_bfloat16_activations_float32_state():
   feats, _ = captioner.encode_images(encoder, {"encoder": variables["params"]},
                                      variables["batch_stats"],
                                      np.zeros((2, 32, 32, 3), np.uint8),
-                                     train=False)
+                                     train=False,
+                                     grid_hw=captioner.grid(config))
   assert feats.dtype == jnp.float32  # the decoder's sums stay float32
 
   state = state_lib.create_train_state(jax.random.key(0), config, _VOCAB)

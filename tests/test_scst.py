@@ -94,7 +94,8 @@ def test_update_scores_samples_as_the_sampler_drew_them():
   params, batch_stats = captioner.init(jax.random.key(0), config, vocab_size)
   batch = fake_batch(config, vocab_size, 4)
   feats, _ = captioner.encode(captioner.create_encoder(config), params,
-                              batch_stats, batch, train=False)
+                              batch_stats, batch, train=False,
+                              grid_hw=captioner.grid(config))
   weights = fast_decoder.decoding_weights(params["decoder"], None)
   step_fn, start = captioner.make_step_fn(weights, feats)
   k, length = 3, 8

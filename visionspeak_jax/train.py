@@ -108,6 +108,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info(choice)
   # Every mistake in the config stops the run here, in one sentence.
   config_checks.validate(config)
+  # Saved resolved: tools.evaluate then scores the run as it scored itself.
+  config.metrics_protocol = metrics_lib.resolve_protocol(
+      config.metrics_protocol)
+  logging.info("Metric protocol: %s.", config.metrics_protocol)
   config_checks.check_workdir(workdir)
   lock = workdir_lib.Lock(workdir)
   if jax.process_index() == 0:
@@ -123,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     try:
       # METEOR's JVM loads while the run trains, once for all evaluations
       # (and only where METEOR will be scored).
-      with metrics_lib.shared_meteor(config.metrics_use_java):
+      with metrics_lib.shared_meteor(config.metrics_protocol):
         return _train(config, workdir, ckpt, best_ckpt)
     finally:
       for c in (ckpt, best_ckpt):

@@ -253,7 +253,9 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
 
   Returns:
     Batches of this process's share, with `tokens` int32
-    [b, max_caption_length + 2] in place of `texts`; for a self-critical
+    [b, max_caption_length + 2] in place of `texts` (with
+    `config.captions_per_image` K > 1: [b, K, max_caption_length + 2], K
+    references of each image); for a self-critical
     run (`config.objective == "scst"`) also `image_id` int32 [b], whose
     references its rewards score against (`scst.training_references`);
     other runs drop it.
@@ -274,14 +276,26 @@ def sample_captions(ds: tf.data.Dataset, config: ml_collections.ConfigDict,
       ex["image_id"] = tf.cast(image_id, tf.int32)
     return ex
 
+  per_image = config.captions_per_image
+
   def pick_caption(index, ex):
     ex = dict(ex)
     captions = ex.pop("captions")
-    # A new reference per visit, reproducible from (seed, visit index).
-    pick = tf.random.stateless_uniform(
-        [], seed=tf.stack([tf.cast(seed, tf.int64), index]),
-        maxval=tf.shape(captions, out_type=tf.int64)[0], dtype=tf.int64)
-    ex["tokens"] = captions[pick]
+    visit_seed = tf.stack([tf.cast(seed, tf.int64), index])
+    count = tf.shape(captions, out_type=tf.int64)[0]
+    if per_image == 1:
+      # A new reference per visit, reproducible from (seed, visit index).
+      pick = tf.random.stateless_uniform([], seed=visit_seed, maxval=count,
+                                         dtype=tf.int64)
+      ex["tokens"] = captions[pick]
+      return ex
+    # K distinct references in a random order, as ruotianluo's loader
+    # draws seq_per_img of an image's captions; an image with fewer than K
+    # goes round its shuffled references again.
+    order = tf.argsort(tf.random.stateless_uniform(
+        tf.expand_dims(count, 0), seed=visit_seed))
+    picks = tf.gather(order, tf.range(per_image, dtype=tf.int64) % count)
+    ex["tokens"] = tf.gather(captions, picks)  # [K, max_caption_length + 2]
     return ex
 
   # Every reference is encoded once, before the cache: a visit then only

@@ -54,16 +54,17 @@ def evaluate(p_predict: Callable[..., Any], params: Any, batch_stats: Any,
     batch_stats: BatchNorm statistics.
     source: the data source of the run.
     config: the run config (`num_eval_examples`, `eval_batch_size`,
-      `decode_dtype`, `metrics_use_java`).
+      `decode_dtype`, `metrics_protocol`).
     vocab: the run's vocabulary.
     split: the split to caption.
     shown: a list to append the figures' images to, or None.
 
   Returns:
-    Caption metrics (BLEU-1..4, METEOR when Java is present, ROUGE-L,
-    CIDEr, the share of captions ending on a function word) and, for
-    datasets with object annotations, content F1 and attention grounding;
-    and every caption.
+    Caption metrics (BLEU-1..4, METEOR under the coco protocol, ROUGE-L,
+    CIDEr, the share of captions ending on a function word), "protocol"
+    (the metric protocol they were scored with, `metrics.caption_metrics`)
+    and, for datasets with object annotations, content F1 and attention
+    grounding; and every caption.
   """
   num_devices = input_pipeline.eval_devices(config)
   references, predictions = {}, {}
@@ -98,7 +99,7 @@ def evaluate(p_predict: Callable[..., Any], params: Any, batch_stats: Any,
     logging.info("  %s: %r (reference: %r)", image_id, predictions[image_id],
                  references[image_id][0])
   results = metrics_lib.caption_metrics(references, predictions,
-                                        use_java=config.metrics_use_java)
+                                        protocol=config.metrics_protocol)
   results["function_word_endings"] = metrics_lib.function_word_endings(
       list(predictions.values()))
   if source.has_objects:
@@ -115,6 +116,13 @@ def evaluate(p_predict: Callable[..., Any], params: Any, batch_stats: Any,
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-  """`name=value, ...` in name order, floats to 4 decimals: the log line."""
+  """`name=value, ...`, floats to 4 decimals: the log line.
+
+  The metric protocol comes first (`protocol=coco` or
+  `protocol=regex-tokens`), where a reader comparing numbers sees it; the
+  rest follow in name order.
+  """
   return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in sorted(metrics.items()))
+                   for k, v in sorted(metrics.items(),
+                                      key=lambda kv: (kv[0] != "protocol",
+                                                      kv[0])))

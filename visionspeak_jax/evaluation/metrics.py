@@ -1,9 +1,15 @@
 """Caption metrics: the COCO scores, and content and grounding for shapes.
 
-`caption_metrics` wraps pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr).
-METEOR and the PTB tokenizer run on Java; without Java they are skipped and a
-simple tokenizer stands in, so the numbers are close to, but not exactly,
-the published COCO protocol.
+`caption_metrics` wraps pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L, CIDEr)
+under one of two protocols, and every score set it returns names its
+protocol:
+
+- "coco": the COCO caption evaluation as pycocoevalcap's `COCOEvalCap`
+  runs it: the PTB tokenizer and METEOR 1.5, both on Java. Its scores
+  equal `COCOEvalCap`'s to the last digit and are the ones papers publish.
+- "regex-tokens": without Java. Captions are tokenized as the vocabulary
+  does (`vocabulary.tokenize`) and METEOR is left out. Close to, but not,
+  the published protocol: never compare these with published numbers.
 
 `parse_objects`, `content_f1` and `attention_grounding` rely on the caption
 grammar of the shapes set (see `visionspeak_jax.data.datasets.shapes`): every
@@ -65,7 +71,7 @@ def _ptb_tokenize(captions: list[str]) -> list[str]:
     raise RuntimeError(
         "The Java PTB tokenizer failed "
         f"({proc.stderr.decode('utf-8', 'replace').strip()[-300:]}); "
-        "pass use_java=False to tokenize without Java.")
+        "score with protocol='regex-tokens' to tokenize without Java.")
   return [
       " ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION)
       for line in lines[:len(captions)]
@@ -90,24 +96,45 @@ def _close_meteor(scorer: Meteor) -> None:
 # The METEOR scorer that `shared_meteor` keeps running, or None.
 _shared: list[Meteor | None] = []
 
+# The metric protocols (see the module docstring), and "auto": "coco" where
+# `java` is on the PATH, else "regex-tokens".
+COCO = "coco"
+REGEX_TOKENS = "regex-tokens"
+AUTO = "auto"
+PROTOCOLS = (AUTO, COCO, REGEX_TOKENS)
 
-def java_used(use_java: bool | None) -> bool:
-  """Whether `caption_metrics(use_java=use_java)` runs the Java scorers."""
-  return shutil.which("java") is not None if use_java is None else use_java
+
+def resolve_protocol(protocol: str) -> str:
+  """The protocol `caption_metrics(protocol=protocol)` scores with.
+
+  Args:
+    protocol: one of `PROTOCOLS`.
+
+  Returns:
+    "coco" or "regex-tokens"; "auto" is "coco" when `java` is on the PATH.
+
+  Raises:
+    ValueError: an unknown protocol.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown metric protocol {protocol!r}; pass one of "
+                     f"{', '.join(PROTOCOLS)}.")
+  if protocol == AUTO:
+    return COCO if shutil.which("java") is not None else REGEX_TOKENS
+  return protocol
 
 
-def metric_names(*, use_java: bool | None, has_objects: bool
-                 ) -> tuple[str, ...]:
+def metric_names(*, protocol: str, has_objects: bool) -> tuple[str, ...]:
   """The metrics an evaluation reports.
 
   Args:
-    use_java: `caption_metrics`' argument (METEOR needs Java).
+    protocol: `caption_metrics`' argument (METEOR is scored under "coco").
     has_objects: the examples carry the shapes set's objects (content F1
       and grounding need them).
   """
   names = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
            "function_word_endings")
-  if java_used(use_java):
+  if resolve_protocol(protocol) == COCO:
     names += ("meteor",)
   if has_objects:
     names += ("content_precision", "content_recall", "content_f1",
@@ -116,7 +143,7 @@ def metric_names(*, use_java: bool | None, has_objects: bool
 
 
 @contextlib.contextmanager
-def shared_meteor(use_java: bool | None = None) -> Iterator[None]:
+def shared_meteor(protocol: str = AUTO) -> Iterator[None]:
   """Inside it, every METEOR score comes from one JVM, started at entry.
 
   METEOR's JVM takes about 4 s to load its tables, and 1 s to score 1000
@@ -124,10 +151,10 @@ def shared_meteor(use_java: bool | None = None) -> Iterator[None]:
   started when the run starts, the JVM loads while the run trains, and the
   evaluations only score. On leaving, the JVM is shut down, so nothing is
   left behind; outside, each `caption_metrics` call starts and stops its
-  own. Without Java, or with `use_java` False (`caption_metrics`'
-  argument), it starts nothing. Nested uses share the outer one.
+  own. Where `protocol` (`caption_metrics`' argument) resolves to
+  "regex-tokens", it starts nothing. Nested uses share the outer one.
   """
-  if _shared or not java_used(use_java):
+  if _shared or resolve_protocol(protocol) != COCO:
     yield
     return
   _shared.append(Meteor())
@@ -154,8 +181,8 @@ def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
     failed = False
   except (ValueError, OSError) as e:
     # An empty reply (the JVM died) fails to parse as a float.
-    raise RuntimeError("The METEOR scorer (Java) failed; pass use_java=False "
-                       "to skip it.") from e
+    raise RuntimeError("The METEOR scorer (Java) failed; score with "
+                       "protocol='regex-tokens' to skip it.") from e
   finally:
     if failed or not shared:
       _close_meteor(scorer)
@@ -168,8 +195,8 @@ def caption_metrics(
     references: Mapping[Any, Sequence[str]],
     predictions: Mapping[Any, str],
     *,
-    use_java: bool | None = None,
-) -> dict[str, float]:
+    protocol: str = AUTO,
+) -> dict[str, float | str]:
   """COCO caption scores of predicted captions against references.
 
   Scores are corpus-level over the images in `predictions`; references of
@@ -180,19 +207,20 @@ def caption_metrics(
     references: image id -> reference captions (raw text).
     predictions: image id -> one predicted caption (raw text); every id needs
       references.
-    use_java: whether to run the Java parts of pycocoevalcap (METEOR and the
-      PTB tokenizer). None: use them when `java` is on the PATH. Without
-      them captions are lowercased, punctuation becomes spaces and METEOR is
-      left out.
+    protocol: "coco" (the PTB tokenizer and METEOR, on Java, as
+      pycocoevalcap's `COCOEvalCap`), "regex-tokens" (no Java: captions
+      tokenized as the vocabulary does, lowercase with punctuation dropped,
+      and no METEOR), or "auto" ("coco" when `java` is on the PATH).
 
   Returns:
-    "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider" and, when Java is
-    used, "meteor", as floats (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr is
-    pycocoevalcap's, scaled by 10).
+    "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider" and, under
+    "coco", "meteor", as floats (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr is
+    pycocoevalcap's, scaled by 10); and "protocol", the protocol scored
+    with ("coco" or "regex-tokens").
 
   Raises:
-    ValueError: no predictions, a prediction without references, or
-      use_java=True without Java.
+    ValueError: no predictions, a prediction without references, an
+      unknown protocol, or "coco" without Java.
   """
   if not predictions:
     raise ValueError("caption_metrics needs at least one prediction.")
@@ -201,21 +229,24 @@ def caption_metrics(
     raise ValueError(
         f"{len(missing)} predicted image ids have no reference captions "
         f"(e.g. {missing[0]!r}); pass references for every prediction.")
-  if use_java and shutil.which("java") is None:
-    raise ValueError("use_java=True but no `java` executable is on the PATH; "
-                     "install a Java runtime or pass use_java=False.")
-  use_java = java_used(use_java)
-  if not use_java:
+  if protocol == COCO and shutil.which("java") is None:
+    raise ValueError("The coco metric protocol needs Java, and no `java` "
+                     "executable is on the PATH; install a Java runtime or "
+                     "score with protocol='regex-tokens'.")
+  protocol = resolve_protocol(protocol)
+  if protocol == REGEX_TOKENS:
     logging.log_first_n(
         logging.WARNING,
-        "Skipping the Java caption scorers (METEOR, PTB tokenizer): Java is "
-        "not available or use_java=False; tokenizing as the vocabulary does "
-        "(lowercase, punctuation dropped).", 1)
+        "Scoring with the regex-tokens protocol, not COCO's: no PTB "
+        "tokenizer and no METEOR (they need Java); captions are tokenized "
+        "as the vocabulary does (lowercase, punctuation dropped). These "
+        "scores are marked protocol=regex-tokens: do not compare them with "
+        "published numbers.", 1)
 
   ids = list(predictions)
   ref_lists = [list(references[k]) for k in ids]
   flat = [predictions[k] for k in ids] + [r for refs in ref_lists for r in refs]
-  if use_java:
+  if protocol == COCO:
     tokens = _ptb_tokenize(flat)
   else:
     tokens = [" ".join(vocabulary.tokenize(c)) for c in flat]
@@ -234,30 +265,38 @@ def caption_metrics(
     scores = {f"bleu{n + 1}": float(b) for n, b in enumerate(bleu)}
     scores["rouge_l"] = float(rouge_l)
     scores["cider"] = float(cider)
-    if use_java:
+    if protocol == COCO:
       scores["meteor"] = _meteor(gts, res)
+  scores["protocol"] = protocol
   return scores
 
 
 # Words a finished English caption does not end on: a caption that does
 # was cut off mid-phrase ("... sitting on a"), the known failure of
-# self-critical training without EOS in its rewards.
-FUNCTION_WORDS = frozenset(("a", "an", "the", "of", "with", "and", "on", "in",
-                            "to"))
+# self-critical training without EOS in its rewards. The list is
+# `bad_endings` of ruotianluo/self-critical.pytorch,
+# captioning/utils/eval_utils.py, whose `bad_count_rate` is the share of
+# captions ending on one of them.
+BAD_ENDINGS = frozenset((
+    "a", "an", "the", "in", "for", "at", "of", "with", "before", "after",
+    "on", "upon", "near", "to", "is", "are", "am"))
 
 
 def function_word_endings(captions: Sequence[str]) -> float:
-  """Share of captions whose last word is one of `FUNCTION_WORDS`.
+  """Share of captions whose last word is one of `BAD_ENDINGS`.
+
+  ruotianluo/self-critical.pytorch's `bad_count_rate` over the same word
+  list; the captions' words are `vocabulary.tokenize`'s, where theirs are
+  split on spaces (their captions are already lowercase words).
 
   Args:
-    captions: generated captions (lowercased, punctuation dropped); an
-      empty caption does not end on a function word.
+    captions: generated captions; an empty caption does not count.
 
   Returns:
     The share in [0, 1] (0.0 for no captions).
   """
   ends = [(vocabulary.tokenize(c) or [""])[-1] for c in captions]
-  return sum(e in FUNCTION_WORDS for e in ends) / len(ends) if ends else 0.0
+  return sum(e in BAD_ENDINGS for e in ends) / len(ends) if ends else 0.0
 
 
 def caption_statistics(captions: Sequence[str],

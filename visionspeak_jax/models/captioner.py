@@ -55,8 +55,12 @@ def decoding_attention(config: ml_collections.ConfigDict) -> str:
   """How decoding reads the regions: "soft" (alpha-weighted) or "hard".
 
   A hard attention run decodes as `config.hard_attention.decoding` says:
-  with its most likely region ("hard", the default) or with the expected
-  context ("soft"); both are rules of the paper's code.
+  with the expected context ("soft", the default) or with its most likely
+  region ("hard"). The authors' code decodes its stochastic model with the
+  expected context (kelvinxu/arctic-captions: `generate_caps.py`'s `main`
+  defaults to sampling=False, and `capgen.py`'s `build_sampler` never passes
+  `lstm_cond_layer` argmax=True); the argmax region is that function's
+  option.
   """
   if attention_kind(config) == "soft":
     return "soft"
@@ -77,14 +81,61 @@ def normalize_images(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - MEAN_RGB) / STDDEV_RGB
 
 
-def grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(h, w) of the encoder's spatial map at `config.image_size` (shapes only)."""
+def encoder_map(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(h, w) of the ResNet's own spatial map at `config.image_size`."""
   size = config.image_size
   spatial = jax.eval_shape(
       lambda: create_encoder(config).apply(
           init_encoder(jax.random.key(0), config),
           jnp.zeros((1, size, size, 3))))["spatial"]
   return spatial.shape[1], spatial.shape[2]
+
+
+def grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(h, w) of the regions the decoder attends over.
+
+  The ResNet's map itself, or `config.model.grid` squared when that is set
+  (the map is then average-pooled adaptively, `pool_to_grid`).
+  """
+  # A run saved before the field existed attended over the ResNet's map.
+  size = config.model.get("grid", 0)
+  if size:
+    return size, size
+  return encoder_map(config)
+
+
+def _pool_matrix(size: int, out: int) -> np.ndarray:
+  """[out, size] averaging weights of adaptive average pooling on one axis.
+
+  Output cell i averages input cells floor(i size / out) up to, not
+  including, ceil((i + 1) size / out): the bins of torch's
+  `AdaptiveAvgPool2d`, which sgrvinod's encoder (`models.py`) and
+  ruotianluo's `misc/resnet_utils.py` apply to the ResNet's map. With `out`
+  > `size` the bins overlap and cells repeat.
+  """
+  weights = np.zeros((out, size), np.float32)
+  for i in range(out):
+    start, end = (i * size) // out, -((-(i + 1) * size) // out)
+    weights[i, start:end] = 1.0 / (end - start)
+  return weights
+
+
+def pool_to_grid(spatial: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+  """[B, h, w, C] -> [B, gh, gw, C], adaptive average pooling.
+
+  The map is returned as it is when it already has the grid's shape, so a
+  grid equal to the ResNet's map computes exactly what no grid does.
+  """
+  _, h, w, _ = spatial.shape
+  gh, gw = grid_hw
+  if (h, w) == (gh, gw):
+    return spatial
+  rows = jnp.asarray(_pool_matrix(h, gh))  # [gh, h]
+  cols = jnp.asarray(_pool_matrix(w, gw))  # [gw, w]
+  # Two small contractions in float32: a sum of at most a few cells each.
+  return jnp.einsum("ih,jw,bhwc->bijc", rows, cols,
+                    spatial.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def num_regions(config: ml_collections.ConfigDict) -> int:
@@ -137,8 +188,8 @@ def init(key: jax.Array, config: ml_collections.ConfigDict, vocab_size: int,
 
 
 def encode_images(encoder: resnet.ResNet, params: dict[str, Any],
-                  batch_stats: Any, images: jax.Array, train: bool
-                  ) -> tuple[jax.Array, Any]:
+                  batch_stats: Any, images: jax.Array, train: bool, *,
+                  grid_hw: tuple[int, int]) -> tuple[jax.Array, Any]:
   """Images to region features.
 
   Args:
@@ -147,6 +198,8 @@ def encode_images(encoder: resnet.ResNet, params: dict[str, Any],
     batch_stats: BatchNorm statistics.
     images: [B, H, W, 3] uint8.
     train: use and update batch statistics.
+    grid_hw: the regions' (h, w), `grid(config)`; the ResNet's map is
+      pooled to it (kept as it is when it has that shape).
 
   Returns:
     (features [B, R, C] float32, new batch_stats; unchanged unless
@@ -163,13 +216,14 @@ def encode_images(encoder: resnet.ResNet, params: dict[str, Any],
   # float32 whatever the ResNet computed in: the decoder casts its matmul
   # inputs itself, and its sums over regions stay float32.
   spatial = out["spatial"].astype(jnp.float32)
+  spatial = pool_to_grid(spatial, grid_hw)  # [B, h, w, C] -> [B, gh, gw, C]
   b, h, w, c = spatial.shape
   return spatial.reshape(b, h * w, c), batch_stats  # [B, h, w, C] -> [B, R, C]
 
 
 def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
-           inputs: dict[str, jax.Array], *, train: bool
-           ) -> tuple[jax.Array, Any]:
+           inputs: dict[str, jax.Array], *, train: bool,
+           grid_hw: tuple[int, int]) -> tuple[jax.Array, Any]:
   """Model inputs to region features, whatever the data source gave.
 
   Args:
@@ -179,6 +233,8 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
     inputs: `image` uint8 [B, S, S, 3], encoded by the ResNet, or
       `features` [B, R, C] from a feature cache, used as they are.
     train: run the ResNet in training mode (batch statistics, updated).
+    grid_hw: the regions' (h, w), `grid(config)`, which images are pooled
+      to; cached features already have it.
 
   Returns:
     (features [B, R, C] float32, batch_stats).
@@ -186,7 +242,7 @@ def encode(encoder: resnet.ResNet, params: dict[str, Any], batch_stats: Any,
   if "features" in inputs:
     return inputs["features"].astype(jnp.float32), batch_stats
   return encode_images(encoder, params, batch_stats, inputs["image"],
-                       train=train)
+                       train=train, grid_hw=grid_hw)
 
 
 def decode_dtype(name: str) -> Any:
@@ -221,8 +277,8 @@ def decoding_weights(decoder_params: dict[str, Any], dtype_name: str,
   Args:
     decoder_params: the decoder's parameters.
     dtype_name: `decode_dtype`, "float32" or "bfloat16".
-    attention: the run's `attention_kind`; hard attention decodes with the
-      most likely region.
+    attention: `decoding_attention(config)`; "hard" decodes with the most
+      likely region.
 
   Raises:
     errors.ConfigError: for an unknown `dtype_name`.
@@ -351,7 +407,7 @@ def predict(params: dict[str, Any], batch_stats: Any,
     The `Decoded` captions and attention maps.
   """
   feats, _ = encode(create_encoder(config), params, batch_stats, inputs,
-                    train=False)  # [B, R, C]
+                    train=False, grid_hw=grid(config))  # [B, R, C]
   return beam_caption(weights, feats, beam_size=beam_size,
                       max_length=max_length, length_penalty=length_penalty,
                       constraints=constraints)

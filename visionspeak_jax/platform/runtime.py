@@ -48,10 +48,33 @@ def start(config: ml_collections.ConfigDict) -> None:
     logging.info(choice)
 
 
+# How ml_collections begins the OSError of every read of a config whose
+# file failed to load.
+_NOT_LOADED = "Configuration is not available because of an earlier failure"
+
+
+def _config_load_failure(e: OSError) -> str:
+  """The one line for a `--config` file that cannot be loaded."""
+  # ml_collections reports a missing or broken config file as an OSError
+  # whose last line names the cause.
+  cause = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+  if cause.startswith(_NOT_LOADED):
+    cause = cause.partition(": ")[2]
+  return (f"error: Cannot load the --config file ({cause}): pass an "
+          "existing config file such as configs/shapes.py.")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a misspelt `--config.FIELD` as one line."""
+  """absl's flag parsing, with a misspelt `--config.FIELD` or a config file
+  that cannot be loaded as one line."""
   try:
     return app.parse_flags_with_usage(argv)
+  except OSError as e:
+    # An override (`--config.FIELD=...`) reads the config while the flags
+    # are parsed, so a file that failed to load fails here, not in `run`.
+    if not str(e).startswith(_NOT_LOADED):
+      raise
+    sys.exit(_config_load_failure(e))
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a field the config
     # does not have.
@@ -79,11 +102,7 @@ def run(get_config: Callable[[], ml_collections.ConfigDict],
     config = get_config()
     config.keys()  # The flag loads the file lazily, on first use.
   except OSError as e:
-    # ml_collections reports a missing or broken config file as an OSError
-    # whose last line names the cause.
-    cause = [line.strip() for line in str(e).splitlines() if line.strip()]
-    sys.exit(f"error: Cannot load the --config file ({cause[-1]}): pass an "
-             "existing config file such as configs/shapes.py.")
+    sys.exit(_config_load_failure(e))
   try:
     start(config)
     return work(config)

@@ -36,15 +36,16 @@ _AT_LEAST_ONE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "beam_size", "max_decode_length",
     "max_caption_length", "vocab_min_count", "shuffle_buffer_size",
+    "captions_per_image",
     "prefetch_batches", "model.embed_dim", "model.attention_dim",
     "model.hidden_dim", "model.resnet_width")
 # Fields that must be >= 0.
 _NON_NEGATIVE = ("learning_rate", "warmup_steps", "weight_decay",
-                 "grad_clip_norm", "alpha_c", "length_penalty",
+                 "grad_clip_norm", "grad_clip_value", "alpha_c", "length_penalty",
                  "hard_attention.reinforce_weight",
                  "hard_attention.entropy_weight")
 # Fields that must be True or False.
-_BOOLS = ("suppress_unk", "block_trigrams")
+_BOOLS = ("suppress_unk", "block_trigrams", "model.grid_upsample")
 # Fields that must be strings ("" where they are optional).
 _STRINGS = ("manual_dir",)
 # Fields with a fixed set of values.
@@ -60,6 +61,7 @@ _CHOICES = {
     "model.resnet_size": tuple(resnet.SIZES),
     "model.resnet_stem": resnet.STEMS,
     "best_metric": METRICS,
+    "metrics_protocol": metrics.PROTOCOLS,
 }
 # Fields whose change alters the shapes or structure of a run's state.
 _STATE_FIELDS = (
@@ -123,6 +125,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"config.{path} must be one of {', '.join(choices)}, got "
           f"{value!r}: fix --config.{path}.")
+  if config.objective == "scst" and config.captions_per_image != 1:
+    raise errors.ConfigError(
+        "config.captions_per_image must be 1 for self-critical training (it "
+        "samples its own config.scst.num_samples captions per image), got "
+        f"{config.captions_per_image!r}: fix --config.captions_per_image.")
   if config.objective == "scst" and config.scst.num_samples < 2:
     raise errors.ConfigError(
         f"config.scst.num_samples must be >= 2 for self-critical training, "
@@ -139,6 +146,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"config.model.dropout_rate must be in [0, 1), got "
         f"{config.model.dropout_rate!r}: fix --config.model.dropout_rate.")
+  grid = config.model.grid
+  if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
+    raise errors.ConfigError(
+        f"config.model.grid must be a whole number >= 0 (0: the ResNet's own "
+        f"map), got {grid!r}: fix --config.model.grid.")
   if config.num_eval_examples != -1 and config.num_eval_examples < 1:
     raise errors.ConfigError(
         f"config.num_eval_examples must be -1 (the whole split) or >= 1, got "
@@ -151,23 +163,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(
         f"config.init_from {config.init_from!r} is not a directory: point it "
         "at a finished run's workdir.")
-  if config.metrics_use_java and shutil.which("java") is None:
+  if config.metrics_protocol == metrics.COCO and shutil.which("java") is None:
     raise errors.ConfigError(
-        "config.metrics_use_java is True but no `java` is on the PATH: "
-        "install a Java runtime, or leave --config.metrics_use_java unset.")
+        "config.metrics_protocol is coco (the COCO caption protocol: the PTB "
+        "tokenizer and METEOR, both on Java) but no `java` is on the PATH: "
+        "install a Java runtime (e.g. apt-get install default-jre-headless), "
+        "or pass --config.metrics_protocol=regex-tokens (tools.evaluate: "
+        "--metrics_protocol=regex-tokens) for scores marked as not comparable "
+        "with published ones.")
   if (config.best_metric == "meteor"
-      and not metrics.java_used(config.metrics_use_java)):
+      and metrics.resolve_protocol(config.metrics_protocol) != metrics.COCO):
     raise errors.ConfigError(
-        "config.best_metric is meteor, which needs Java, and this run scores "
-        "without it (no `java` on the PATH, or metrics_use_java=False): "
-        "install a Java runtime, or pick another --config.best_metric.")
+        "config.best_metric is meteor, which only the coco metric protocol "
+        "scores, and this run scores with regex-tokens (no `java` on the "
+        "PATH, or metrics_protocol=regex-tokens): install a Java runtime, or "
+        "pick another --config.best_metric.")
   path = config.model.pretrained_path
   if path and not epath.Path(path).is_file():
     raise errors.ConfigError(
         f"config.model.pretrained_path {path!r} is not a file: fix "
         "--config.model.pretrained_path.")
   try:
-    h, w = captioner.grid(config)
+    h, w = captioner.encoder_map(config)
   except Exception as e:  # pylint: disable=broad-except
     # Too small an image for the ResNet's strides fails deep inside Flax.
     raise errors.ConfigError(
@@ -180,6 +197,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.image_size {config.image_size} gives no region with "
         f"ResNet-{config.model.resnet_size} and the "
         f"{config.model.resnet_stem} stem: raise --config.image_size.")
+  if (h < grid or w < grid) and not config.model.grid_upsample:
+    raise errors.ConfigError(
+        f"config.model.grid {grid} is finer than the {h}x{w} map that "
+        f"ResNet-{config.model.resnet_size} gives at config.image_size "
+        f"{config.image_size}: lower --config.model.grid, raise "
+        "--config.image_size, or set --config.model.grid_upsample=True to "
+        "repeat cells as sgrvinod's tutorial does.")
   # The paper's code hands Theano the stochastic model's gradient on alpha
   # (`known_grads`), which replaces the penalty's: it has no effect there.
   if captioner.attention_kind(config) == "hard" and config.alpha_c > 0:
@@ -201,7 +225,7 @@ def check_best_metric(config: ml_collections.ConfigDict,
   Raises:
     errors.ConfigError: the metric will not be computed.
   """
-  reported = metrics.metric_names(use_java=config.metrics_use_java,
+  reported = metrics.metric_names(protocol=config.metrics_protocol,
                                   has_objects=has_objects)
   if config.best_metric not in reported:
     raise errors.ConfigError(
@@ -245,11 +269,19 @@ def check_resume(saved: ml_collections.ConfigDict,
     before = _get(saved, path)
     if before != _get(config, path):
       changed.append(f"{path}={before!r} there, {_get(config, path)!r} now")
+  # Runs saved before the field existed attended over the ResNet's map.
+  saved_grid = saved.model.get("grid", 0)
+  if saved_grid != config.model.grid:
+    changed.append(f"model.grid={saved_grid!r} there, "
+                   f"{config.model.grid!r} now")
   frozen = [name for name, mult in config.lr_mults.items()
             if (mult > 0) != (saved.lr_mults.get(name, 1.0) > 0)]
   changed += [f"lr_mults.{name} freezes only one of the two" for name in frozen]
   if (config.grad_clip_norm > 0) != (saved.grad_clip_norm > 0):
     changed.append("grad_clip_norm turns clipping on in only one of the two")
+  # Runs saved before the field existed did not clamp elements.
+  if (config.grad_clip_value > 0) != (saved.get("grad_clip_value", 0) > 0):
+    changed.append("grad_clip_value turns clipping on in only one of the two")
   if changed:
     raise errors.ConfigError(
         f"The run in {directory} was made with another model or optimizer "

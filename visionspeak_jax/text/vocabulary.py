@@ -1,14 +1,31 @@
 """Word vocabulary: build from training captions, save/load JSON, encode/decode.
 
-Tokenisation is deliberately simple and has a twin in TensorFlow ops
-(`tf_tokenize`), so the input pipeline and the Python side agree word for word:
-lowercase, every character other than a-z, 0-9 and ' becomes a space, split
-on white space.
+Captions become words as Karpathy's `tokens` in dataset_coco.json,
+dataset_flickr8k.json and dataset_flickr30k.json, which both PyTorch
+references train on (sgrvinod's `utils.create_input_files` reads
+`c['tokens']`, ruotianluo's `scripts/prepro_labels.py` reads
+`sent['tokens']`). The rule is the one of karpathy/neuraltalk2's `prepro.py`
+(`prepro_captions`): lowercase, delete punctuation, split on white space. So
+"'Stop'" is "stop", "there's" and "there ' s" are "theres" and "there s",
+"t-shirt" is "tshirt", and "café" stays "café".
+
+Punctuation is Python's `string.punctuation` (what prepro.py deletes; its
+ASCII symbols such as + and $ included) and every other Unicode punctuation
+character: prepro.py read ASCII only, and a curly apostrophe must go as the
+straight one does. Letters keep their accents; other symbols stay.
+
+`tf_tokenize` is the same rule in TensorFlow ops, for the input pipeline.
+Both sides take their punctuation and white space from one table built here
+from Python's `unicodedata`, so these are the same characters whatever
+Unicode version TensorFlow's RE2 knows.
 """
 
 import collections
+import functools
 import json
 import re
+import string
+import unicodedata
 from typing import Iterable, Sequence
 
 from etils import epath
@@ -16,19 +33,69 @@ from etils import epath
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
-_NON_WORD = r"[^a-z0-9']+"
+
+# Unicode assigns no punctuation or white space past the first two planes
+# (the others hold CJK ideographs, tags, variation selectors and private
+# use), so scanning them would only slow the first caption of every process;
+# tests/test_vocabulary.py checks the whole range.
+_SCANNED = 0x20000
+
+
+def _is_punctuation(char: str) -> bool:
+  return (char in string.punctuation
+          or unicodedata.category(char).startswith("P"))
+
+
+def _ranges(test, end: int = _SCANNED) -> list[tuple[int, int]]:
+  """Inclusive code point ranges [(first, last), ...] where `test` holds."""
+  ranges = []
+  for code in range(end):
+    if test(chr(code)):
+      if ranges and ranges[-1][1] == code - 1:
+        ranges[-1] = (ranges[-1][0], code)
+      else:
+        ranges.append((code, code))
+  return ranges
+
+
+@functools.cache
+def _character_classes() -> dict[str, tuple[str, str]]:
+  """Regex classes of the punctuation and the white space: {name: (Python
+  `re` pattern, RE2 pattern for TensorFlow)}."""
+  classes = {}
+  for name, test in (("punctuation", _is_punctuation),
+                     ("space", str.isspace)):
+    ranges = _ranges(test)
+    python = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges)
+    re2 = "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in ranges)
+    classes[name] = (f"[{python}]+", f"[{re2}]+")
+  return classes
+
+
+@functools.cache
+def _punctuation_re() -> re.Pattern[str]:
+  return re.compile(_character_classes()["punctuation"][0])
 
 
 def tokenize(text: str) -> list[str]:
-  """Lowercases and splits a caption into words."""
-  return re.sub(_NON_WORD, " ", text.lower()).split()
+  """Lowercases a caption, deletes its punctuation, splits it into words."""
+  # str.split splits on exactly the characters for which isspace() holds,
+  # the class tf_tokenize turns into spaces.
+  return _punctuation_re().sub("", text.lower()).split()
 
 
 def tf_tokenize(text):
   """`tokenize` in TensorFlow ops: a string -> its words (1-D); [N]
   strings -> [N, None] words (ragged)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  text = tf.strings.regex_replace(tf.strings.lower(text), _NON_WORD, " ")
+  classes = _character_classes()
+  # Without encoding="utf-8" tf.strings.lower leaves non-ASCII letters as
+  # they are ("É" would stay upper case); with it, it applies Unicode's full
+  # case mapping as str.lower does.
+  text = tf.strings.lower(text, encoding="utf-8")
+  text = tf.strings.regex_replace(text, classes["punctuation"][1], "")
+  # tf.strings.split without a separator splits on ASCII white space only.
+  text = tf.strings.regex_replace(text, classes["space"][1], " ")
   return tf.strings.split(tf.strings.strip(text))
 
 
@@ -54,6 +121,10 @@ class Vocabulary:
   @classmethod
   def build(cls, captions: Iterable[str], min_count: int = 1) -> "Vocabulary":
     """Keeps words seen at least `min_count` times, most frequent first.
+
+    The references keep words seen more than 5 times (sgrvinod's
+    `create_input_files(min_word_freq=5)`, ruotianluo's `prepro_labels.py`
+    `--word_count_threshold 5`): that is `min_count=6`.
 
     Ties are broken alphabetically so the same captions always give the
     same ids.

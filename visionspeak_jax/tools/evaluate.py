@@ -4,20 +4,26 @@ r"""Scores a trained run on a split, as the anchors' eval.py scripts do.
       [--step=N] [--split=test] [--beam_size=5] [--length_penalty=0.0] \
       [--suppress_unk] [--block_trigrams] [--min_length=N] \
       [--num_examples=N] [--decode_dtype=bfloat16] [--data_dir=DIR] \
-      [--manual_dir=DIR]
+      [--manual_dir=DIR] [--hard_attention_decoding=hard] \
+      [--metrics_protocol=coco]
 
 Restores the run (its newest checkpoint, `--step`, or with `--best` the top
 one by the evaluation metric), captions the split with beam search and
-prints one line: the metrics the training run logs, then what
-ruotianluo/self-critical's evaluation adds (mean caption length, distinct
-words, the share of novel captions, i.e. not verbatim a training
-reference, and the share ending on a function word).
+prints one line: the metric protocol (`protocol=coco` or
+`protocol=regex-tokens`, see `evaluation/metrics.py`), the metrics the
+training run logs, then what ruotianluo/self-critical's evaluation adds
+(mean caption length, distinct words, the share of novel captions, i.e. not
+verbatim a training reference, and the share ending on one of its
+`bad_endings`).
 
 Writes, in RUN/eval/:
   - `<split>_step<N>_beam<K>.json`: the captions in the COCO results format,
-    `[{"image_id": ..., "caption": ...}]`, what pycocoevalcap and the
-    evaluation servers read;
-  - `<split>_step<N>_beam<K>_scores.json`: the metrics and the settings.
+    `[{"image_id": ..., "caption": ...}]`, which pycocotools' `COCO.loadRes`
+    reads. It is not a submission to the COCO caption evaluation server,
+    which takes captions for all 40,504 val2014 or all 40,775 test2014
+    images, where Karpathy's test split is 5,000 of val2014's images;
+  - `<split>_step<N>_beam<K>_scores.json`: the metrics, with the protocol
+    they were scored under in `metrics["protocol"]`, and the settings.
 
 Every setting defaults to the run's own config, so a run evaluated with its
 own settings prints its final line again. The run may be training meanwhile:
@@ -53,7 +59,11 @@ from visionspeak_jax.run import restore
 # Flags that override the run's config field of the same name (None: keep).
 _OVERRIDES = ("beam_size", "length_penalty", "suppress_unk",
               "block_trigrams", "min_length", "decode_dtype", "data_dir",
-              "manual_dir")
+              "manual_dir", "hard_attention_decoding", "metrics_protocol")
+# What a run saved before `metrics_protocol` existed asked for with
+# `metrics_use_java` (None: Java where found).
+_PROTOCOL_OF_USE_JAVA = {None: metrics_lib.AUTO, True: metrics_lib.COCO,
+                         False: metrics_lib.REGEX_TOKENS}
 
 
 def settings(config: ml_collections.ConfigDict, *, split: str | None = None,
@@ -75,16 +85,27 @@ def settings(config: ml_collections.ConfigDict, *, split: str | None = None,
     errors.ConfigError: a setting out of range, in one sentence.
   """
   config = ml_collections.ConfigDict(config.to_dict())
+  if "metrics_protocol" not in config:
+    config.metrics_protocol = _PROTOCOL_OF_USE_JAVA[
+        config.get("metrics_use_java")]
   for name, value in overrides.items():
     if name not in _OVERRIDES:
       raise TypeError(f"Unknown setting {name!r}.")
-    if value is not None:
+    if value is None:
+      continue
+    if name == "hard_attention_decoding":  # A field of a sub-config.
+      config.hard_attention.decoding = value
+    else:
       config[name] = value
   if split is not None:
     config.test_split = split
   if num_examples is not None:
     config.num_eval_examples = num_examples
   config_checks.validate(config)
+  # As training does: a run trained without Java scores without it here
+  # too, unless --metrics_protocol says otherwise.
+  config.metrics_protocol = metrics_lib.resolve_protocol(
+      config.metrics_protocol)
   return config
 
 
@@ -124,7 +145,7 @@ def evaluate_run(workdir: str, *, best: bool = False,
   logging.info("Data: %s; scoring %s of step %d.", source.description,
                config.test_split, run.step)
   p_predict = captioner.compile_predict(config)
-  with metrics_lib.shared_meteor(config.metrics_use_java):
+  with metrics_lib.shared_meteor(config.metrics_protocol):
     result = evaluator.evaluate(p_predict, run.params, run.batch_stats,
                                 source, config, run.vocab, config.test_split)
   scores = dict(result.metrics)
@@ -141,7 +162,8 @@ def evaluate_run(workdir: str, *, best: bool = False,
       "settings": {name: config.get(name) for name in (
           "beam_size", "length_penalty", "max_decode_length", "suppress_unk",
           "block_trigrams", "min_length", "decode_dtype",
-          "num_eval_examples")},
+          "num_eval_examples", "metrics_protocol")},
+      "hard_attention_decoding": config.hard_attention.decoding,
       "metrics": scores,
       "captions": stem + ".json",
   }
@@ -189,6 +211,14 @@ def _define_flags() -> None:
                       "now; default the run's.")
   flags.DEFINE_string("manual_dir", None, "Manual files of the dataset "
                       "(karpathy_captions); default the run's.")
+  flags.DEFINE_enum("hard_attention_decoding", None, ["soft", "hard"],
+                    "How a hard attention run decodes: the expected context "
+                    "or the most likely region; default the run's.")
+  flags.DEFINE_enum("metrics_protocol", None, list(metrics_lib.PROTOCOLS),
+                    "coco: the COCO caption protocol (PTB tokenizer and "
+                    "METEOR, on Java); regex-tokens: without Java, marked as "
+                    "not comparable with published scores; auto: coco where "
+                    "Java is found. Default: the run's.")
   flags.mark_flag_as_required("workdir")
 
 

@@ -51,11 +51,12 @@ def extract(config: ml_collections.ConfigDict, workdir: str,
   variables, source = restore.extraction_encoder(config, workdir)
   fingerprint = pretrained.fingerprint(variables)
   encoder = captioner.create_encoder(config)
+  grid_hw = captioner.grid(config)
 
   def encode(variables, images):
     features, _ = captioner.encode_images(
         encoder, {"encoder": variables["params"]}, variables["batch_stats"],
-        images, train=False)
+        images, train=False, grid_hw=grid_hw)
     return features.astype(jnp.float16)  # [b, R, C]; halves the transfer.
 
   p_encode = jax.pmap(encode, axis_name="batch", in_axes=(None, 0))

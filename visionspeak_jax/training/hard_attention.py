@@ -40,8 +40,9 @@ themselves: lambda_r = 0.1 B and lambda_e = 0.002 B, both at the same
 reference batch (`configs/default.py` says which). `known_grads` also
 replaces the gradient that reaches alpha from the rest of the loss, so the
 doubly stochastic penalty has no effect there; `config_checks` asks hard
-runs for `alpha_c = 0`. Decoding reads the most likely region
-(`fast_decoder.decode_step`).
+runs for `alpha_c = 0`. Decoding reads the expected context as the code's
+does, or the most likely region (`config.hard_attention.decoding`,
+`fast_decoder.decode_step`).
 """
 
 import jax

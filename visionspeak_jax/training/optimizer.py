@@ -55,11 +55,12 @@ def trainable(config: ml_collections.ConfigDict, params: dict[str, Any]
 
 def create(config: ml_collections.ConfigDict, subtrees: list[str]
            ) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW per subtree on its scaled schedule.
+  """Clipping, then AdamW per subtree on its scaled schedule.
 
   Args:
     config: the run config (`learning_rate`, `warmup_steps`,
-      `num_train_steps`, `weight_decay`, `grad_clip_norm`, `lr_mults`).
+      `num_train_steps`, `weight_decay`, `grad_clip_value`,
+      `grad_clip_norm`, `lr_mults`).
     subtrees: the top-level keys of the parameters.
 
   Returns:
@@ -78,4 +79,8 @@ def create(config: ml_collections.ConfigDict, subtrees: list[str]
                                   for k, v in params.items()})
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.grad_clip_value > 0:
+    # Each element clamped to +-value before anything else, as sgrvinod's
+    # `utils.clip_gradient` (and ruotianluo's clip_grad_value_) do.
+    tx = optax.chain(optax.clip(config.grad_clip_value), tx)
   return tx

@@ -164,7 +164,8 @@ def sample_step(params: Any, batch_stats: Any, inputs: dict[str, jax.Array],
   """
   k = config.scst.num_samples
   feats, _ = captioner.encode(captioner.create_encoder(config), params,
-                              batch_stats, inputs, train=False)
+                              batch_stats, inputs, train=False,
+                              grid_hw=captioner.grid(config))
   weights = fast_decoder.decoding_weights(params["decoder"],
                                           captioner.compute_dtype(config),
                                           captioner.decoding_attention(config))
@@ -209,7 +210,8 @@ def update_step(state: state_lib.TrainState, batch: dict[str, jax.Array], *,
 
   def loss_fn(params, train_encoder):
     feats, batch_stats = captioner.encode(encoder, params, state.batch_stats,
-                                          batch, train=train_encoder)
+                                          batch, train=train_encoder,
+                                          grid_hw=captioner.grid(config))
     logits, _, _ = fast_decoder.teacher_forced(
         params["decoder"], jnp.repeat(feats, k, axis=0), tokens_in,
         dtype=dtype, regions=_decoding_regions(config, samples.shape[0],

@@ -26,6 +26,22 @@ from visionspeak_jax.training import optimizer
 from visionspeak_jax.training import state as state_lib
 
 
+def caption_rows(tokens: jax.Array) -> tuple[jax.Array, int]:
+  """A batch's captions as decoder rows, and the rows per image.
+
+  Args:
+    tokens: int32 [b, T + 1], one caption per image, or [b, K, T + 1], K
+      captions per image (`config.captions_per_image`).
+
+  Returns:
+    (tokens [b * K, T + 1], row i * K + k captioning image i; K).
+  """
+  if tokens.ndim == 2:
+    return tokens, 1
+  b, k, length = tokens.shape
+  return tokens.reshape(b * k, length), k
+
+
 def split_tokens(tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """[B, T + 1] padded captions -> inputs [B, T], targets [B, T], mask [B, T]."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -93,7 +109,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   Args:
     state: the train state (same on every device).
     batch: the data source's input (`image` uint8 [b, S, S, 3] or
-      `features` float16 [b, R, C]) and `tokens` int32 [b, T + 1].
+      `features` float16 [b, R, C]) and `tokens` int32 [b, T + 1] or
+      [b, K, T + 1] (`caption_rows`).
     rng: the run's base key; the step and device are folded in here.
     config: the run config.
 
@@ -103,7 +120,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
   encoder = captioner.create_encoder(config, axis_name="batch")
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step),
                            lax.axis_index("batch"))
-  inputs, targets, mask = split_tokens(batch["tokens"])
+  tokens, per_image = caption_rows(batch["tokens"])
+  inputs, targets, mask = split_tokens(tokens)
   hard = captioner.attention_kind(config) == "hard"
   regions = None
   if hard:  # Soft runs keep `rng` for dropout alone, as they always did.
@@ -114,7 +132,11 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array],
 
   def loss_fn(params, train_encoder):
     features, batch_stats = captioner.encode(
-        encoder, params, state.batch_stats, batch, train=train_encoder)
+        encoder, params, state.batch_stats, batch, train=train_encoder,
+        grid_hw=captioner.grid(config))
+    if per_image > 1:
+      # Each image encoded once, its features read by its K captions' rows.
+      features = jnp.repeat(features, per_image, axis=0)  # [b*K, R, C]
     logits, alphas, chosen = fast_decoder.teacher_forced(
         params["decoder"], features, inputs,
         dropout_rate=config.model.dropout_rate, rng=rng,
