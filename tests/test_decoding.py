@@ -398,6 +398,24 @@ def test_top_k_equals_lax_top_k(shape, k):
     np.testing.assert_array_equal(indices, want_indices)
 
 
+@pytest.mark.parametrize("shape,k", [((5, 40), 3), ((4, 1000), 6)])
+def test_top_k_of_a_symbolic_batch_equals_lax_top_k(shape, k):
+  """An exported program (symbolic rows) sorts; the answers are the same."""
+  rows, = jax.export.symbolic_shape("rows")
+  exported = jax.export.export(
+      jax.jit(functools.partial(decoding.top_k, k=k)))(
+          jax.ShapeDtypeStruct((rows,) + shape[1:], jnp.float32))
+  assert "stablehlo.sort" in exported.mlir_module()
+  x = jax.random.normal(jax.random.key(1), shape)
+  ties = jnp.round(x * 2) / 2
+  masked = jnp.where(x > 0.5, -jnp.inf, x)
+  for scores in (x, ties, masked, jnp.full(shape, -jnp.inf)):
+    values, indices = exported.call(scores)
+    want_values, want_indices = jax.lax.top_k(scores, k)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(indices, want_indices)
+
+
 def test_beam_first_step_runs_one_row_per_image():
   seen = []
   step_fn, state = _random_step(0, batch_size=3, max_length=4)

@@ -265,6 +265,23 @@ def _beams_to_flat(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[2:])  # [B, K, ...] -> [B*K, ...]
 
 
+def _lax_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` over the last axis, or a stable sort where it must.
+
+  A program exported with a symbolic batch (`tools/export.py`) must also run
+  in TensorFlow's XlaCallModule, whose shape refinement cannot see into the
+  decomposition that `chlo.top_k` is serialized with. There a sort of the
+  negated values, stable so ties keep the lower index first, picks the same
+  values and indices as `lax.top_k`.
+  """
+  if all(isinstance(d, int) for d in x.shape):
+    return jax.lax.top_k(x, k)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  negated, index = jax.lax.sort((-x, index), dimension=x.ndim - 1,
+                                num_keys=1, is_stable=True)
+  return -negated[..., :k], index[..., :k]
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k` over the last axis of [N, V], in two cheap passes.
 
@@ -292,14 +309,14 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   block = min(divisors, key=lambda d: abs(d - target), default=target)
   num_blocks = -(-v // block)
   if k * block * 2 > v:  # Too few blocks to skip: one pass is as cheap.
-    return jax.lax.top_k(x, k)
+    return _lax_top_k(x, k)
   # -inf padding sits at the end, so ties never pick it over a real entry.
   blocks = jnp.pad(x, ((0, 0), (0, num_blocks * block - v)),
                    constant_values=-jnp.inf).reshape(n, num_blocks, block)
-  _, best_blocks = jax.lax.top_k(blocks.max(-1), k)  # [N, nb] -> [N, k]
+  _, best_blocks = _lax_top_k(blocks.max(-1), k)  # [N, nb] -> [N, k]
   best_blocks = jnp.sort(best_blocks, axis=-1)
   candidates = jnp.take_along_axis(blocks, best_blocks[:, :, None], 1)
-  values, pos = jax.lax.top_k(candidates.reshape(n, k * block), k)
+  values, pos = _lax_top_k(candidates.reshape(n, k * block), k)
   blocks_of = jnp.take_along_axis(best_blocks, pos // block, 1)  # [N, k]
   return values, blocks_of * block + pos % block
 
@@ -376,7 +393,7 @@ def _best_candidates(live_scores: jax.Array, logits: jax.Array,
   logprobs = (word_logits - shift) - jnp.log(
       jnp.exp(logits - shift).sum(-1, keepdims=True))
   scores = live_scores[:, :, None] + _flat_to_beams(logprobs, b)  # [B, K, 2K]
-  top_scores, top_idx = jax.lax.top_k(scores.reshape(b, k * num_words),
+  top_scores, top_idx = _lax_top_k(scores.reshape(b, k * num_words),
                                       min(2 * k, k * vocab_size))  # [B, C]
   word = jnp.take_along_axis(words.reshape(b, k * num_words), top_idx, 1)
   return top_scores, top_idx // num_words, word.astype(jnp.int32)
@@ -429,7 +446,7 @@ def _merge_finished(finished: Hypotheses, candidates: Hypotheses,
   # Old first so that top_k's ties keep them.
   merged = jax.tree.map(lambda old, new: jnp.concatenate([old, new], 1),
                         finished, ending)  # [B, K + C, ...]
-  _, best = jax.lax.top_k(merged.scores, k)  # [B, K + C] -> [B, K]
+  _, best = _lax_top_k(merged.scores, k)  # [B, K + C] -> [B, K]
   merged = _gather_beams(merged, best)
   # A done image keeps its finished set as it is, so its answer does not
   # depend on how long the other images in the batch keep searching.
@@ -442,7 +459,7 @@ def _merge_finished(finished: Hypotheses, candidates: Hypotheses,
 def _select_live(candidates: Hypotheses, is_eos: jax.Array, k: int
                  ) -> tuple[Hypotheses, jax.Array]:
   """The best K candidates that did not end: (live set, indices [B, K])."""
-  scores, idx = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, candidates.scores),
+  scores, idx = _lax_top_k(jnp.where(is_eos, -jnp.inf, candidates.scores),
                               k)  # [B, C] -> [B, K]
   # The masked scores, not the gathered ones: with fewer than K words that
   # are not EOS, an EOS candidate fills a slot and must stay empty.
@@ -628,7 +645,7 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """
   vocab_size = logits.shape[-1]
   if 0 < top_k < vocab_size:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    kth = _lax_top_k(logits, top_k)[0][:, -1:]  # [B, 1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     desc = -jnp.sort(-logits, axis=-1)  # [B, V], most likely first
