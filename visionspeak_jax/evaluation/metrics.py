@@ -146,10 +146,10 @@ def metric_names(*, protocol: str, has_objects: bool) -> tuple[str, ...]:
 def shared_meteor(protocol: str = AUTO) -> Iterator[None]:
   """Inside it, every METEOR score comes from one JVM, started at entry.
 
-  METEOR's JVM takes about 4 s to load its tables, and 1 s to score 1000
-  captions (2-core AMD EPYC). A training run scores at every evaluation:
-  started when the run starts, the JVM loads while the run trains, and the
-  evaluations only score. On leaving, the JVM is shut down, so nothing is
+  METEOR's JVM takes longer to load its tables than to score a split's
+  captions (docs/performance.md has the figures). A training run scores at
+  every evaluation: started when the run starts, the JVM loads while the
+  run trains, and the evaluations only score. On leaving, the JVM is shut down, so nothing is
   left behind; outside, each `caption_metrics` call starts and stops its
   own. Where `protocol` (`caption_metrics`' argument) resolves to
   "regex-tokens", it starts nothing. Nested uses share the outer one.

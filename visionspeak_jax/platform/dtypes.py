@@ -6,12 +6,13 @@ its float32 rate, and the run's numbers stay within its accuracy bars
 (benchmarks/README.md measures both):
 
 - a CPU with AMX (`amx_tile` and `amx_bf16` in `/proc/cpuinfo`'s flags):
-  XLA:CPU's matmul library runs bfloat16 products on its tiles, about 5x
-  the float32 matmul rate, so "auto" is bfloat16;
-- any other CPU: float32. With AVX512-BF16 alone (AMD EPYC Zen 4) the
-  bfloat16 matmul peak is about 2x float32, but the default run's step
-  gains only 1.1x (its 3x3 convolutions run in float32 either way): too
-  little to publish a second final line for those CPUs;
+  XLA:CPU's matmul library runs bfloat16 products on its tiles, a multiple
+  of the float32 matmul rate, so "auto" is bfloat16;
+- any other CPU: float32. With AVX512-BF16 alone the bfloat16 matmul peak
+  is above float32's, but the default run's step gains little (its 3x3
+  convolutions run in float32 either way): too little to publish a second
+  final line for those CPUs (docs/performance.md, "bfloat16", has the
+  measurements);
 - a GPU or TPU: float32, so a run's numbers do not change with where it
   runs; ask for bfloat16 there with `--config.dtype=bfloat16`.
 
