@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import flickr30k
 from configs import flickr8k
 from configs import tiny
 from visionspeak_jax.data import input_pipeline
@@ -383,21 +384,26 @@ def test_the_flickr_configs_follow_the_tutorial():
 
 
 @pytest.mark.slow
-def test_flickr8k_config_trains_evaluates_and_captions(tmp_path):
-  """configs/flickr8k.py at tiny sizes: train, score with the evaluation
-  command (equal to the final line), caption one of the set's JPEGs."""
+@pytest.mark.parametrize("name,recipe,folder", [
+    ("flickr8k", flickr8k, "Flicker8k_Dataset"),
+    ("flickr30k", flickr30k, "flickr30k-images")])
+def test_flickr_config_trains_evaluates_and_captions(tmp_path, name, recipe,
+                                                     folder):
+  """configs/flickr8k.py and flickr30k.py at tiny sizes: train, score with
+  the evaluation command (equal to the final line), caption one of the
+  set's JPEGs."""
   from visionspeak_jax import train  # pylint: disable=g-import-not-at-top
   from visionspeak_jax.tools import caption  # pylint: disable=g-import-not-at-top
   from visionspeak_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
-  small = _config(tmp_path, "flickr8k")
-  config = flickr8k.get_config()
+  small = _config(tmp_path, name)
+  config = recipe.get_config()
   # The recipe's data and splits; tiny.py's model, sizes and schedule.
-  for name in ("data_dir", "manual_dir", "image_size", "vocab_min_count",
-               "batch_size", "eval_batch_size", "warmup_steps",
-               "shuffle_buffer_size", "max_decode_length", "learning_rate"):
-    config[name] = small[name]
-  for name in small.model:
-    config.model[name] = small.model[name]
+  for field in ("data_dir", "manual_dir", "image_size", "vocab_min_count",
+                "batch_size", "eval_batch_size", "warmup_steps",
+                "shuffle_buffer_size", "max_decode_length", "learning_rate"):
+    config[field] = small[field]
+  for field in small.model:
+    config.model[field] = small.model[field]
   config.model.pretrained_path = ""
   config.model.require_pretrained = False
   config.dtype = "float32"
@@ -407,7 +413,7 @@ def test_flickr8k_config_trains_evaluates_and_captions(tmp_path):
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
   config.metrics_protocol = "regex-tokens"
-  _write_set(config.manual_dir, "flickr8k")
+  _write_set(config.manual_dir, name)
   workdir = str(tmp_path / "run")
   results = train.train_and_evaluate(config, workdir)
   assert "cider" in results and "content_f1" not in results
@@ -423,7 +429,7 @@ def test_flickr8k_config_trains_evaluates_and_captions(tmp_path):
   with open(report["captions"]) as f:
     assert len(json.load(f)) == _SIZES["test"]
 
-  image = os.path.join(config.manual_dir, "Flicker8k_Dataset", "0.jpg")
+  image = os.path.join(config.manual_dir, folder, "0.jpg")
   out = io.StringIO()
   assert caption.run([image], workdir=workdir, beam_size=3, stdout=out,
                      stderr=io.StringIO()) == 0
