@@ -155,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimisation.
   config.batch_size = 64  # Global batch; divisible by the device count.
-  config.eval_batch_size = 64  # Global evaluation batch.
+  config.eval_batch_size = 64  # Batch of each evaluating process.
   config.num_train_steps = 20_000  # Training length in steps.
   config.learning_rate = 4e-4  # Peak learning rate.
   config.warmup_steps = 500  # Linear warm-up, then cosine decay to 0.

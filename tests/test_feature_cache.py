@@ -16,6 +16,7 @@ from visionspeak_jax import train
 from visionspeak_jax.data import feature_cache
 from visionspeak_jax.data import sources
 from visionspeak_jax.models import pretrained
+from visionspeak_jax.platform import parallel
 from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.run import restore
 from visionspeak_jax.tools import caption
@@ -65,6 +66,14 @@ def test_extract_writes_index_and_shards(cache_dir, tiny_data_dir):
   assert examples[0].inputs.dtype == np.float16
   assert len(examples[0].references) == 5 and examples[0].objects
   assert isinstance(examples[0].objects[0]["bbox"], tuple)
+  # Each process's share of the first 5, round-robin, as `parallel.share`.
+  whole = list(cache.eval_examples("validation", 5))
+  shares = [list(cache.eval_examples("validation", 5, process_index=i,
+                                     process_count=2)) for i in range(2)]
+  assert [len(s) for s in shares] == [3, 2]
+  for ex, alone in zip(parallel.interleave(shares), whole, strict=True):
+    assert ex.image_id == alone.image_id
+    np.testing.assert_array_equal(ex.inputs, alone.inputs)
 
 
 def test_cached_training_is_decoder_only_and_checkpoints(cache_dir,

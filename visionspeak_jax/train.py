@@ -126,8 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         best_metric=config.best_metric)
     try:
       # METEOR's JVM loads while the run trains, once for all evaluations
-      # (and only where METEOR will be scored).
-      with metrics_lib.shared_meteor(config.metrics_protocol):
+      # (and only where METEOR will be scored: process 0).
+      with evaluator.shared_meteor(config.metrics_protocol):
         return _train(config, workdir, ckpt, best_ckpt)
     finally:
       for c in (ckpt, best_ckpt):

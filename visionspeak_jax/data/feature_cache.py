@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from visionspeak_jax.data import input_pipeline
 from visionspeak_jax.models import captioner
+from visionspeak_jax.platform import parallel
 from visionspeak_jax.platform import paths
 from visionspeak_jax.text import vocabulary as vocab_lib
 
@@ -297,12 +298,28 @@ class FeatureCache:
                                           process_count=process_count,
                                           skip_batches=skip_batches)
 
-  def eval_examples(self, split: str, num_examples: int = -1
+  def eval_examples(self, split: str, num_examples: int = -1, *,
+                    process_index: int = 0, process_count: int = 1
                     ) -> Iterator[input_pipeline.EvalExample]:
-    """Evaluation examples whose `inputs` are float16 [R, C] features."""
+    """Evaluation examples whose `inputs` are float16 [R, C] features.
+
+    Args:
+      split: the split.
+      num_examples: the first examples of the split only (-1: all).
+      process_index: read only this process's share of those examples
+        (round-robin, as `parallel.share`)...
+      process_count: ... of this many processes; the defaults read all.
+
+    Returns:
+      The examples, in the split's order.
+    """
+    process_index, process_count = parallel.process(process_index,
+                                                    process_count)
     ds = self._records(split)
     if num_examples > 0:
       ds = ds.take(num_examples)
+    if process_count > 1:
+      ds = ds.shard(process_count, process_index)  # As `parallel.share`.
     ds = input_pipeline.without_autotune(ds.prefetch(tf.data.AUTOTUNE))
     for ex in ds.as_numpy_iterator():
       yield input_pipeline.EvalExample(

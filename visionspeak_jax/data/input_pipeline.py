@@ -24,6 +24,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from visionspeak_jax import errors
+from visionspeak_jax.platform import parallel
 from visionspeak_jax.text import vocabulary as vocab_lib
 
 # Datasets this package can generate itself, with the module that registers
@@ -399,25 +400,40 @@ class TfdsSource:
                            process_count=process_count,
                            skip_batches=skip_batches)
 
-  def eval_examples(self, split: str, num_examples: int = -1
+  def eval_examples(self, split: str, num_examples: int = -1, *,
+                    process_index: int = 0, process_count: int = 1
                     ) -> Iterator[EvalExample]:
     """Evaluation images in a fixed order, resized, with their references.
 
-    Every process reads the whole split: evaluation has no collectives, so
-    duplicating it keeps the metrics identical everywhere.
+    Args:
+      split: the split.
+      num_examples: the first examples of the split only (-1: all).
+      process_index: read only this process's share of those examples
+        (round-robin, as `parallel.share`)...
+      process_count: ... of this many processes; the defaults read all.
+
+    Returns:
+      The examples, in the split's order.
     """
-    ds = _read_split(self.builder, split)
+    process_index, process_count = parallel.process(process_index,
+                                                    process_count)
+    # Images are decoded after sharding: a process decodes only its own.
+    ds = _read_split(self.builder, split, skip_images=True)
     if num_examples > 0:
       ds = ds.take(num_examples)
+    if process_count > 1:
+      ds = ds.shard(process_count, process_index)  # As `parallel.share`.
     features = self.builder.info.features
     has_objects = self.has_objects
     if has_objects:
       color_names = features["objects"]["color"].names
       shape_names = features["objects"]["shape"].names
     image_size = self.config.image_size
+    image_feature = features["image"]
 
     def preprocess(ex):
-      out = {"image": resize_image(ex["image"], image_size),
+      image = image_feature.decode_example(ex["image"])
+      out = {"image": resize_image(image, image_size),
              "id": ex["image/id"], "captions": ex["captions"]["text"]}
       if has_objects:
         out["objects"] = {k: ex["objects"][k]

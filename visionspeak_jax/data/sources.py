@@ -56,9 +56,12 @@ class DataSource(Protocol):
     `skip_batches=s` and reads what the uninterrupted run would have.
     """
 
-  def eval_examples(self, split: str, num_examples: int = -1
+  def eval_examples(self, split: str, num_examples: int = -1, *,
+                    process_index: int = 0, process_count: int = 1
                     ) -> Iterator[input_pipeline.EvalExample]:
-    """A split's examples in a fixed order, every process all of them."""
+    """A split's first `num_examples` examples (-1: all) in a fixed order,
+    or only the `process_index`-th of `process_count` round-robin shares of
+    them (`parallel.share`): the evaluation reads its process's share."""
 
 
 def create(config: ml_collections.ConfigDict, workdir: str) -> DataSource:

@@ -50,6 +50,7 @@ from visionspeak_jax.data import sources
 from visionspeak_jax.evaluation import evaluator
 from visionspeak_jax.evaluation import metrics as metrics_lib
 from visionspeak_jax.models import captioner
+from visionspeak_jax.platform import parallel
 from visionspeak_jax.platform import paths
 from visionspeak_jax.platform import runtime
 from visionspeak_jax.run import checkpoint as checkpoint_lib
@@ -121,6 +122,9 @@ def evaluate_run(workdir: str, *, best: bool = False,
                  **overrides: Any) -> dict[str, Any]:
   """Restores a run, scores a split, writes the captions and the scores.
 
+  Under several processes every process calls it and captions its share
+  (`evaluator.evaluate`); process 0 writes the files, all return the report.
+
   Args:
     workdir: the training run's directory.
     best: read `best/` instead of `checkpoints/`.
@@ -145,13 +149,16 @@ def evaluate_run(workdir: str, *, best: bool = False,
   logging.info("Data: %s; scoring %s of step %d.", source.description,
                config.test_split, run.step)
   p_predict = captioner.compile_predict(config)
-  with metrics_lib.shared_meteor(config.metrics_protocol):
+  with evaluator.shared_meteor(config.metrics_protocol):
     result = evaluator.evaluate(p_predict, run.params, run.batch_stats,
                                 source, config, run.vocab, config.test_split)
-  scores = dict(result.metrics)
-  scores.update(metrics_lib.caption_statistics(
-      list(result.predictions.values()),
-      source.captions(config.train_split)))
+  scores = None
+  if parallel.is_first_process():  # Scored once; every process returns it.
+    scores = dict(result.metrics)
+    scores.update(metrics_lib.caption_statistics(
+        list(result.predictions.values()),
+        source.captions(config.train_split)))
+  scores = parallel.broadcast_object(scores)
   stem = output_stem(workdir, config.test_split, run.step, config.beam_size)
   captions = [{"image_id": int(image_id), "caption": caption}
               for image_id, caption in result.predictions.items()]
@@ -167,9 +174,10 @@ def evaluate_run(workdir: str, *, best: bool = False,
       "metrics": scores,
       "captions": stem + ".json",
   }
-  epath.Path(stem).parent.mkdir(parents=True, exist_ok=True)
-  _write_json(stem + ".json", captions)
-  _write_json(stem + "_scores.json", report)
+  if parallel.is_first_process():
+    epath.Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(stem + ".json", captions)
+    _write_json(stem + "_scores.json", report)
   return report
 
 
