@@ -301,17 +301,10 @@ class FeatureCache:
   def eval_examples(self, split: str, num_examples: int = -1, *,
                     process_index: int = 0, process_count: int = 1
                     ) -> Iterator[input_pipeline.EvalExample]:
-    """Evaluation examples whose `inputs` are float16 [R, C] features.
+    """`sources.DataSource.eval_examples`, `inputs` float16 [R, C] features.
 
-    Args:
-      split: the split.
-      num_examples: the first examples of the split only (-1: all).
-      process_index: read only this process's share of those examples
-        (round-robin, as `parallel.share`)...
-      process_count: ... of this many processes; the defaults read all.
-
-    Returns:
-      The examples, in the split's order.
+    The defaults read the whole split; a process's share is taken after the
+    `num_examples` cap, as `TfdsSource.eval_examples` takes it.
     """
     process_index, process_count = parallel.process(process_index,
                                                     process_count)
