@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -98,3 +99,27 @@ def test_damage_is_still_damage(tmp_path):
                      r"damaged; step 2: "):
     reader.restore_newest_intact(lambda s: _read(reader, s))
   reader.close()
+
+
+def test_a_saved_config_is_completed_with_the_fields_added_since():
+  """Every field added after a run was saved reads as that run used it."""
+  old = tiny.get_config().to_dict()
+  for name in ("captions_per_image", "grad_clip_value", "suppress_unk",
+               "block_trigrams", "min_length", "metrics_protocol"):
+    del old[name]
+  del old["model"]["grid"], old["model"]["grid_upsample"]
+  del old["hard_attention"]["decoding"]
+  old["metrics_use_java"] = False
+  config = checkpoint_lib.complete_saved_config(ml_collections.ConfigDict(old))
+  assert (config.model.grid, config.model.grid_upsample) == (0, False)
+  assert (config.captions_per_image, config.grad_clip_value) == (1, 0.0)
+  assert (config.suppress_unk, config.block_trigrams,
+          config.min_length) == (False, False, 0)
+  assert config.hard_attention.decoding == "hard"
+  assert config.metrics_protocol == "regex-tokens"
+  # A field the run saved is kept as it was.
+  current = tiny.get_config()
+  current.model.grid = 3
+  assert checkpoint_lib.complete_saved_config(
+      ml_collections.ConfigDict(current.to_dict())).to_dict() == (
+          current.to_dict())

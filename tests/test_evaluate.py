@@ -94,14 +94,16 @@ def test_settings_resolve_the_metric_protocol(monkeypatch):
   assert evaluate.settings(
       config, metrics_protocol="regex-tokens").metrics_protocol == (
           "regex-tokens")
-  # A run saved before the field existed said it with metrics_use_java.
+  # A run saved before the field existed said it with metrics_use_java;
+  # its config is completed as it is read.
   old = config.to_dict()
   del old["metrics_protocol"]
   for use_java, protocol in ((None, "coco"), (True, "coco"),
                              (False, "regex-tokens")):
     old["metrics_use_java"] = use_java
-    assert evaluate.settings(
-        ml_collections.ConfigDict(old)).metrics_protocol == protocol
+    saved = checkpoint_lib.complete_saved_config(
+        ml_collections.ConfigDict(old))
+    assert evaluate.settings(saved).metrics_protocol == protocol
   monkeypatch.setattr(shutil, "which", lambda name: None)
   assert evaluate.settings(config).metrics_protocol == "regex-tokens"
   with pytest.raises(errors.ConfigError,

@@ -17,6 +17,7 @@ from configs import tiny
 from visionspeak_jax import errors
 from visionspeak_jax import train
 from visionspeak_jax.models import captioner
+from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.run import config_checks
 from visionspeak_jax.run import restore
 from visionspeak_jax.tools import caption
@@ -98,7 +99,8 @@ def test_resume_refuses_another_grid():
   config.model.grid = _GRID
   with pytest.raises(errors.ConfigError, match="model.grid=0 there, 3 now"):
     config_checks.check_resume(saved, config, "RUN")
-  del saved.model["grid"]  # A run saved before the field existed.
+  del saved.model["grid"]  # A run saved before the field existed...
+  checkpoint_lib.complete_saved_config(saved)  # ... as it is read.
   with pytest.raises(errors.ConfigError, match="model.grid=0 there, 3 now"):
     config_checks.check_resume(saved, config, "RUN")
 

@@ -97,8 +97,7 @@ def grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   The ResNet's map itself, or `config.model.grid` squared when that is set
   (the map is then average-pooled adaptively, `pool_to_grid`).
   """
-  # A run saved before the field existed attended over the ResNet's map.
-  size = config.model.get("grid", 0)
+  size = config.model.grid
   if size:
     return size, size
   return encoder_map(config)
@@ -320,9 +319,7 @@ def constraints(config: ml_collections.ConfigDict, *,
   """The run's decoding constraints, as its config's fields ask.
 
   `config.suppress_unk` forbids <unk>, `config.block_trigrams` a repeated
-  trigram and `config.min_length` an EOS before that many words. A config
-  saved before these fields existed (an older run's checkpoint) has none of
-  them, and decodes without constraints as it did then.
+  trigram and `config.min_length` an EOS before that many words.
 
   Args:
     config: the run config.
@@ -334,11 +331,11 @@ def constraints(config: ml_collections.ConfigDict, *,
     A hashable `decoding.Constraints`, to pass to `predict`.
   """
   if suppress_unk is None:
-    suppress_unk = config.get("suppress_unk", False)
+    suppress_unk = config.suppress_unk
   if block_trigrams is None:
-    block_trigrams = config.get("block_trigrams", False)
+    block_trigrams = config.block_trigrams
   if min_length is None:
-    min_length = config.get("min_length", 0)
+    min_length = config.min_length
   return decoding.Constraints(
       suppress_ids=(vocabulary.UNK_ID,) if suppress_unk else (),
       min_length=min_length, block_trigrams=bool(block_trigrams))

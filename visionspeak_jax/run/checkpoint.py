@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from visionspeak_jax import errors
+from visionspeak_jax.evaluation import metrics as metrics_lib
 from visionspeak_jax.platform import paths
 from visionspeak_jax.text import vocabulary as vocab_lib
 
@@ -97,6 +98,52 @@ def quiet_failed_reads() -> None:
           "Given directory is read only"))
 
 
+# Fields added after runs were saved without them, each with the value
+# that does what those runs did. A saved config is completed with them as it
+# is read (`restore_metadata`, `saved_config`), so no reader needs a
+# fallback of its own.
+_ADDED_FIELDS = (
+    ("model.grid", 0),  # The ResNet's own map.
+    ("model.grid_upsample", False),
+    ("captions_per_image", 1),
+    ("grad_clip_value", 0.0),  # No element-wise clipping.
+    ("suppress_unk", False),
+    ("block_trigrams", False),
+    ("min_length", 0),
+    ("hard_attention.decoding", "hard"),  # The argmax region, as then.
+)
+# What a run saved before `metrics_protocol` asked for with
+# `metrics_use_java` (None: Java where found).
+_PROTOCOL_OF_USE_JAVA = {None: metrics_lib.AUTO, True: metrics_lib.COCO,
+                         False: metrics_lib.REGEX_TOKENS}
+
+
+def complete_saved_config(config: ml_collections.ConfigDict
+                          ) -> ml_collections.ConfigDict:
+  """A saved config with every field added since, as that run used it.
+
+  Args:
+    config: a config read from a checkpoint; changed in place.
+
+  Returns:
+    `config`.
+  """
+  for path, value in _ADDED_FIELDS:
+    *parents, name = path.split(".")
+    node = config
+    for parent in parents:
+      node = node.get(parent)
+      if node is None:  # E.g. no hard_attention: nothing reads it.
+        break
+    else:
+      if name not in node:
+        node[name] = value
+  if "metrics_protocol" not in config:
+    config.metrics_protocol = _PROTOCOL_OF_USE_JAVA[
+        config.get("metrics_use_java")]
+  return config
+
+
 def saved_config(directory: str, step: int | None = None
                  ) -> ml_collections.ConfigDict | None:
   """The config saved with a checkpoint, read before JAX's backend starts.
@@ -121,7 +168,7 @@ def saved_config(directory: str, step: int | None = None
     if step is None or step not in steps:
       return None
     saved = ocp.JsonCheckpointHandler().restore(root / str(step) / "config")
-    return ml_collections.ConfigDict(saved)
+    return complete_saved_config(ml_collections.ConfigDict(saved))
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -261,7 +308,8 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         vocab=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     return (vocab_lib.Vocabulary.from_json(restored["vocab"]),
-            ml_collections.ConfigDict(restored["config"]))
+            complete_saved_config(
+                ml_collections.ConfigDict(restored["config"])))
 
   def restore_newest_intact(self, restore: Callable[[int], T]
                             ) -> tuple[int, T] | None:

@@ -68,7 +68,7 @@ _STATE_FIELDS = (
     "data_source", "model.resnet_size", "model.resnet_width",
     "model.resnet_stem", "model.embed_dim", "model.attention_dim",
     "model.hidden_dim", "model.gate", "model.deep_output",
-    "model.position_embedding", "model.attention")
+    "model.position_embedding", "model.attention", "model.grid")
 
 
 def _get(config: ml_collections.ConfigDict, path: str) -> Any:
@@ -269,18 +269,12 @@ def check_resume(saved: ml_collections.ConfigDict,
     before = _get(saved, path)
     if before != _get(config, path):
       changed.append(f"{path}={before!r} there, {_get(config, path)!r} now")
-  # Runs saved before the field existed attended over the ResNet's map.
-  saved_grid = saved.model.get("grid", 0)
-  if saved_grid != config.model.grid:
-    changed.append(f"model.grid={saved_grid!r} there, "
-                   f"{config.model.grid!r} now")
   frozen = [name for name, mult in config.lr_mults.items()
             if (mult > 0) != (saved.lr_mults.get(name, 1.0) > 0)]
   changed += [f"lr_mults.{name} freezes only one of the two" for name in frozen]
   if (config.grad_clip_norm > 0) != (saved.grad_clip_norm > 0):
     changed.append("grad_clip_norm turns clipping on in only one of the two")
-  # Runs saved before the field existed did not clamp elements.
-  if (config.grad_clip_value > 0) != (saved.get("grad_clip_value", 0) > 0):
+  if (config.grad_clip_value > 0) != (saved.grad_clip_value > 0):
     changed.append("grad_clip_value turns clipping on in only one of the two")
   if changed:
     raise errors.ConfigError(

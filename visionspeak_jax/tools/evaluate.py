@@ -61,12 +61,6 @@ from visionspeak_jax.run import restore
 _OVERRIDES = ("beam_size", "length_penalty", "suppress_unk",
               "block_trigrams", "min_length", "decode_dtype", "data_dir",
               "manual_dir", "hard_attention_decoding", "metrics_protocol")
-# What a run saved before `metrics_protocol` existed asked for with
-# `metrics_use_java` (None: Java where found).
-_PROTOCOL_OF_USE_JAVA = {None: metrics_lib.AUTO, True: metrics_lib.COCO,
-                         False: metrics_lib.REGEX_TOKENS}
-
-
 def settings(config: ml_collections.ConfigDict, *, split: str | None = None,
              num_examples: int | None = None,
              **overrides: Any) -> ml_collections.ConfigDict:
@@ -86,9 +80,6 @@ def settings(config: ml_collections.ConfigDict, *, split: str | None = None,
     errors.ConfigError: a setting out of range, in one sentence.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  if "metrics_protocol" not in config:
-    config.metrics_protocol = _PROTOCOL_OF_USE_JAVA[
-        config.get("metrics_use_java")]
   for name, value in overrides.items():
     if name not in _OVERRIDES:
       raise TypeError(f"Unknown setting {name!r}.")
@@ -166,7 +157,7 @@ def evaluate_run(workdir: str, *, best: bool = False,
       "checkpoint": run.directory,
       "step": run.step,
       "split": config.test_split,
-      "settings": {name: config.get(name) for name in (
+      "settings": {name: config[name] for name in (
           "beam_size", "length_penalty", "max_decode_length", "suppress_unk",
           "block_trigrams", "min_length", "decode_dtype",
           "num_eval_examples", "metrics_protocol")},
