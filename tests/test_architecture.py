@@ -12,8 +12,8 @@ _LAYERS = ("errors", "platform", "text", "models", "data", "evaluation",
            "training", "run", "tools", "train", "main")
 # What must run where only jax/flax/optax/orbax/numpy/absl/ml_collections
 # exist (a stock JAX accelerator image): no TensorFlow, no TFDS.
-_TF_FREE = ("data.datasets.shapes_words", "evaluation.cider",
-            "evaluation.metrics", "models.attention", "models.captioner",
+_TF_FREE = ("data.datasets.shapes_words", "evaluation.chair",
+            "evaluation.cider", "evaluation.metrics", "models.attention", "models.captioner",
             "models.decoder", "models.decoding", "models.fast_decoder",
             "models.lstm", "models.pretrained", "models.resnet",
             "run.checkpoint", "run.figures", "run.restore", "text.vocabulary",
