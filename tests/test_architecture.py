@@ -13,12 +13,12 @@ _LAYERS = ("errors", "platform", "text", "models", "data", "evaluation",
 # What must run where only jax/flax/optax/orbax/numpy/absl/ml_collections
 # exist (a stock JAX accelerator image): no TensorFlow, no TFDS.
 _TF_FREE = ("data.datasets.shapes_words", "evaluation.chair",
-            "evaluation.cider", "evaluation.metrics", "models.attention", "models.captioner",
-            "models.decoder", "models.decoding", "models.fast_decoder",
-            "models.lstm", "models.pretrained", "models.resnet",
-            "run.checkpoint", "run.figures", "run.restore", "text.vocabulary",
-            "tools.caption", "training.optimizer", "training.scst",
-            "training.state", "training.step")
+            "evaluation.cider", "evaluation.metrics", "models.attention",
+            "models.captioner", "models.decoder", "models.decoding",
+            "models.fast_decoder", "models.lstm", "models.pretrained",
+            "models.resnet", "run.checkpoint", "run.figures", "run.restore",
+            "text.vocabulary", "tools.caption", "training.optimizer",
+            "training.scst", "training.state", "training.step")
 
 
 def _modules():

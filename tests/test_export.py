@@ -226,7 +226,7 @@ def _encoded(image, fmt, **kwargs):
 
 
 def test_saved_model_pixels_match_load_image_per_mode(exported, tmp_path):
-  """Every kind of file: exact, or as many levels apart as docs/export.md says."""
+  """Every kind of file: exact, or as far apart as docs/export.md says."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   preprocess = tf.saved_model.load(os.path.join(
       exported["float32"], "saved_model")).signatures["preprocess"]
