@@ -31,7 +31,6 @@ import tensorflow as tf
 
 from visionspeak_jax.data import input_pipeline
 from visionspeak_jax.models import captioner
-from visionspeak_jax.platform import parallel
 from visionspeak_jax.platform import paths
 from visionspeak_jax.text import vocabulary as vocab_lib
 
@@ -303,16 +302,10 @@ class FeatureCache:
                     ) -> Iterator[input_pipeline.EvalExample]:
     """`sources.DataSource.eval_examples`, `inputs` float16 [R, C] features.
 
-    The defaults read the whole split; a process's share is taken after the
-    `num_examples` cap, as `TfdsSource.eval_examples` takes it.
+    The defaults read the whole split (`input_pipeline.eval_share`).
     """
-    process_index, process_count = parallel.process(process_index,
-                                                    process_count)
-    ds = self._records(split)
-    if num_examples > 0:
-      ds = ds.take(num_examples)
-    if process_count > 1:
-      ds = ds.shard(process_count, process_index)  # As `parallel.share`.
+    ds = input_pipeline.eval_share(self._records(split), num_examples,
+                                   process_index, process_count)
     ds = input_pipeline.without_autotune(ds.prefetch(tf.data.AUTOTUNE))
     for ex in ds.as_numpy_iterator():
       yield input_pipeline.EvalExample(

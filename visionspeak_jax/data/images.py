@@ -76,7 +76,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def _tensorflow():
+def tensorflow():
   """TensorFlow, imported on first use and kept off the accelerators."""
   # Imported here: TensorFlow only decodes and resizes in this module, and
   # the CLI sets TensorFlow's log level before the first import.
@@ -92,7 +92,7 @@ def _tensorflow():
 def _resize(pixels: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, 3] -> [size, size, 3] with the training pipeline's resize."""
   from visionspeak_jax.data import input_pipeline
-  tf = _tensorflow()
+  tf = tensorflow()
   with tf.device("/CPU:0"):
     return input_pipeline.resize_image(tf.constant(pixels), size).numpy()
 
@@ -101,7 +101,7 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
   """JPEG bytes -> uint8 [H, W, 3], bit for bit as TFDS decodes them."""
   # TensorFlow's default IDCT is the fast integer one, PIL's the accurate
   # one: up to 5 levels apart per pixel. The model was trained on the former.
-  tf = _tensorflow()
+  tf = tensorflow()
   with tf.device("/CPU:0"):
     return tf.io.decode_jpeg(data, channels=3).numpy()
 

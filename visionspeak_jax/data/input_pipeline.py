@@ -415,14 +415,9 @@ class TfdsSource:
     Returns:
       The examples, in the split's order.
     """
-    process_index, process_count = parallel.process(process_index,
-                                                    process_count)
     # Images are decoded after sharding: a process decodes only its own.
-    ds = _read_split(self.builder, split, skip_images=True)
-    if num_examples > 0:
-      ds = ds.take(num_examples)
-    if process_count > 1:
-      ds = ds.shard(process_count, process_index)  # As `parallel.share`.
+    ds = eval_share(_read_split(self.builder, split, skip_images=True),
+                    num_examples, process_index, process_count)
     features = self.builder.info.features
     has_objects = self.has_objects
     if has_objects:
@@ -453,6 +448,22 @@ class TfdsSource:
                         references=[c.decode("utf-8")
                                     for c in ex["captions"]],
                         objects=objects)
+
+
+def eval_share(ds: tf.data.Dataset, num_examples: int, process_index: int,
+               process_count: int) -> tf.data.Dataset:
+  """A split's first `num_examples` (-1: all), then one process's share.
+
+  The cap comes first, so the shares together are what one process reads;
+  the share is round-robin, as `parallel.share` takes it.
+  """
+  process_index, process_count = parallel.process(process_index,
+                                                  process_count)
+  if num_examples > 0:
+    ds = ds.take(num_examples)
+  if process_count > 1:
+    ds = ds.shard(process_count, process_index)
+  return ds
 
 
 def batch_eval_examples(examples: Iterator[EvalExample], batch_size: int

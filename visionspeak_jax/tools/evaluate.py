@@ -61,6 +61,8 @@ from visionspeak_jax.run import restore
 _OVERRIDES = ("beam_size", "length_penalty", "suppress_unk",
               "block_trigrams", "min_length", "decode_dtype", "data_dir",
               "manual_dir", "hard_attention_decoding", "metrics_protocol")
+
+
 def settings(config: ml_collections.ConfigDict, *, split: str | None = None,
              num_examples: int | None = None,
              **overrides: Any) -> ml_collections.ConfigDict:

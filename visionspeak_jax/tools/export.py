@@ -53,14 +53,13 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import visionspeak_jax
 from visionspeak_jax import errors
+from visionspeak_jax.data import images as images_lib
 from visionspeak_jax.models import captioner as captioner_lib
 from visionspeak_jax.models import decoding
 from visionspeak_jax.platform import dtypes
-from visionspeak_jax.run import checkpoint as checkpoint_lib
 from visionspeak_jax.text import vocabulary as vocab_lib
 from visionspeak_jax.tools import caption
 
@@ -160,16 +159,6 @@ def export_module(model: caption.Captioner, settings: Settings
 # The SavedModel: TensorFlow around the converted model.
 
 
-def _tensorflow():
-  """TensorFlow, imported on first use and kept off the accelerators."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:
-    pass  # Already initialised by the caller.
-  return tf
-
-
 def decode_image_tf(data, size: int):
   """One encoded image (a scalar string) -> uint8 [size, size, 3], in TF.
 
@@ -179,7 +168,7 @@ def decode_image_tf(data, size: int):
   the integer pre-reduction of images over 8 times the input size.
   """
   from visionspeak_jax.data import input_pipeline
-  tf = _tensorflow()
+  tf = images_lib.tensorflow()
   tf.debugging.assert_greater(
       tf.strings.length(data), 0,
       message="An input is an empty string, not an encoded image.")
@@ -203,7 +192,7 @@ def decode_image_tf(data, size: int):
 
 def _words_tf(vocab: vocab_lib.Vocabulary, tokens):
   """Tokens [n, L] -> caption strings [n], as `Vocabulary.decode` joins them."""
-  tf = _tensorflow()
+  tf = images_lib.tensorflow()
   words = tf.constant(list(vocab.words) + [vocab_lib.UNK])
   in_range = (tokens >= 0) & (tokens < len(vocab.words))
   ids = tf.where(in_range, tokens, len(vocab.words))  # Unknown ids: <unk>.
@@ -217,7 +206,7 @@ def _words_tf(vocab: vocab_lib.Vocabulary, tokens):
 
 
 @contextlib.contextmanager
-def _stablehlo_for(tf):
+def _stablehlo_for():
   """Serializes StableHLO that this TensorFlow can read while in the block.
 
   `jax2tf` writes the model as StableHLO bytecode for TensorFlow's
@@ -230,7 +219,6 @@ def _stablehlo_for(tf):
   from jax._src.lib import _jax
   from jax._src.lib.mlir.dialects import hlo
   from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
-  del tf
   mine = hlo.get_version_from_compatibility_requirement(
       hlo.StablehloCompatibilityRequirement.WEEK_4)
   theirs = tf_stablehlo.get_current_version()
@@ -251,15 +239,14 @@ def _stablehlo_for(tf):
 def save_saved_model(model: caption.Captioner, settings: Settings,
                      directory: str) -> str:
   """Writes the SavedModel; returns the StableHLO version it holds."""
-  tf = _tensorflow()
+  tf = images_lib.tensorflow()
   from orbax import export as orbax_export
   size = model.image_size
   fn = caption_function(model, settings)
   module = orbax_export.JaxModule(
       variables_of(model, settings), fn, trainable=False,
       input_polymorphic_shape="(b, ...)",
-      jax2tf_kwargs={"native_serialization_platforms":
-                     tuple(p for p in settings.platforms)})
+      jax2tf_kwargs={"native_serialization_platforms": settings.platforms})
 
   def preprocess(images):
     return tf.map_fn(functools.partial(decode_image_tf, size=size), images,
@@ -276,7 +263,7 @@ def save_saved_model(model: caption.Captioner, settings: Settings,
           "serving_default", input_signature=[images],
           tf_preprocessor=preprocess, tf_postprocessor=postprocess),
   ]
-  with _stablehlo_for(tf) as version:
+  with _stablehlo_for() as version:
     manager = orbax_export.ExportManager(module, configs)
     # The pixels alone, for a server that decodes each upload by itself.
     manager.tf_module.preprocess = tf.function(
@@ -423,7 +410,7 @@ def run(*, workdir: str, output: str, step: int | None = None,
     info = export(workdir, output, step=step, best=best, beam_size=beam_size,
                   max_length=max_length, decode_dtype=decode_dtype,
                   platforms=platforms)
-  except (checkpoint_lib.CheckpointError, errors.UserError) as e:
+  except errors.UserError as e:  # CheckpointError, ExportError...
     print(f"error: {e}", file=stderr, flush=True)
     return 2
   d = info["decoding"]

@@ -284,8 +284,16 @@ class Batcher:
   def start(self) -> None:
     self._task = asyncio.get_running_loop().create_task(self._work())
 
-  def has_room(self, n: int) -> bool:
-    return len(self._queue) + n <= self._limits.max_queue
+  def check_room(self, n: int) -> None:
+    """Refuses `n` more images when the queue has no room for them all.
+
+    Raises:
+      Refusal: 503, the queue is full.
+    """
+    if len(self._queue) + n > self._limits.max_queue:
+      raise Refusal(503, f"The server is busy ({len(self._queue)} images "
+                    f"queued, at most {self._limits.max_queue}): retry "
+                    "shortly.")
 
   def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future]:
     """Queues one request's images; returns a future per image.
@@ -293,10 +301,7 @@ class Batcher:
     Raises:
       Refusal: 503, the queue has no room for them all.
     """
-    if not self.has_room(len(images)):
-      raise Refusal(503, f"The server is busy ({len(self._queue)} images "
-                    f"queued, at most {self._limits.max_queue}): retry "
-                    "shortly.")
+    self.check_room(len(images))
     loop = asyncio.get_running_loop()
     now = time.monotonic()
     self._requests += 1
@@ -504,10 +509,7 @@ class Service:
       raise Refusal(413, f"The request holds {n} images, more than the "
                     f"{self.limits.max_queue} this server queues at most: "
                     "send fewer per request.")
-    if not self._batcher.has_room(n):
-      raise Refusal(503, f"The server is busy ({self._batcher.queued} "
-                    f"images queued, at most {self.limits.max_queue}): "
-                    "retry shortly.")
+    self._batcher.check_room(n)
 
   def _decode(self, uploads: Sequence[tuple[str, bytes]]
               ) -> list[np.ndarray]:
@@ -521,8 +523,7 @@ class Service:
       try:
         pixels.append(self.model.preprocess(data))
       except tf.errors.InvalidArgumentError as e:
-        raise Refusal(400, f"{name} is not a readable image: it is not "
-                      f"{_FORMATS}, or it is truncated or corrupt.") from e
+        raise _unreadable(name) from e
     return pixels
 
   async def caption(self, uploads: Sequence[tuple[str, bytes]],
@@ -563,6 +564,11 @@ class Service:
     }
 
 
+def _unreadable(name: str) -> Refusal:
+  return Refusal(400, f"{name} is not a readable image: it is not "
+                 f"{_FORMATS}, or it is truncated or corrupt.")
+
+
 def check_pixels(name: str, data: bytes, limit: int) -> None:
   """Refuses an image whose header says it has over `limit` pixels.
 
@@ -584,8 +590,7 @@ def check_pixels(name: str, data: bytes, limit: int) -> None:
   except Exception as e:  # pylint: disable=broad-except
     # PIL reads the header of every format TensorFlow decodes; the
     # exception type depends on the format and the damage.
-    raise Refusal(400, f"{name} is not a readable image: it is not "
-                  f"{_FORMATS}, or it is truncated or corrupt.") from e
+    raise _unreadable(name) from e
   if width * height > limit:
     raise Refusal(413, f"{name} is {width}x{height} = {width * height} "
                   f"pixels, more than this server's limit of {limit}: "
